@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models built from configs, and a tokenizer made on the spot.
+
+No hub access: HF_HUB_OFFLINE is set before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from tests.tiny import (  # noqa: E402
+    make_tokenizer,
+    tiny_bert_cls,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def bert_cls():
+    return tiny_bert_cls()
+
+
+@pytest.fixture
+def t5():
+    return tiny_t5()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
