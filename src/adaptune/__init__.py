@@ -1,0 +1,69 @@
+"""adaptune: parameter-efficient fine-tuning with peft's API and files, and the tools peft leaves out.
+
+A peft user changes only the import line::
+
+    from adaptune import LoraConfig, get_peft_model, TaskType, PeftModel
+"""
+
+from __future__ import annotations
+
+from .config import (
+    LoraConfig,
+    PeftConfig,
+    PeftType,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+)
+from .errors import AdaptuneError
+from .model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptuneError",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "TaskType",
+    "get_peft_model",
+]
+
+
+def __getattr__(name: str):
+    """Trainer and friends import transformers' training stack; load them only when asked."""
+    if name in ("Trainer", "TrainingArguments"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    if name == "prepare_model_for_kbit_training":
+        from .quant import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training
+    if name in ("load_model", "load_tokenizer", "load_model_and_tokenizer"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'adaptune' has no attribute {name!r}")

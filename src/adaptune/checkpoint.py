@@ -1,0 +1,246 @@
+"""peft-format adapter files: tensors named as peft names them, safetensors by default.
+
+On disk a key is the module path inside the wrapped model, prefixed ``base_model.model.``, with
+the adapter name left out: ``base_model.model.<path>.lora_A.weight``. A GPT-2 adapter on the q and
+v *slices* of ``c_attn`` is written as an ordinary ``c_attn`` LoRA whose k rows are zero (rank and
+alpha multiplied so the scaling is unchanged), which peft, vLLM and llama.cpp read as is; the
+``fused_slices`` field lets adaptune read it back as the same sliced adapter.
+
+Loading never runs code from a file: ``.bin`` (pickle) adapters are read only when the caller
+opts in, and then with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraConfig
+from .errors import AdapterFileError
+from .lora import LoraLayer, check_shape
+
+PREFIX = "base_model.model."
+
+
+# ---- LoRA state dict <-> peft keys -------------------------------------------------------------
+def lora_state_dict(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's on-disk names (``tuner`` is a LoraModel)."""
+    config: LoraConfig = tuner.peft_config[adapter_name]
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in tuner.lora_layers():
+        if adapter_name not in layer.specs:
+            continue
+        key = PREFIX + name
+        if layer.is_embedding:
+            out[f"{key}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
+            out[f"{key}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+        else:
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            if layer.specs[adapter_name].slices:
+                b = _full_b_from_slices(layer, adapter_name)
+            out[f"{key}.lora_A.weight"] = a
+            out[f"{key}.lora_B.weight"] = b
+        if adapter_name in layer.lora_magnitude_vector:
+            out[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+        if config.bias in ("lora_only", "all") and getattr(layer.base_layer, "bias", None) is not None:
+            out[f"{key}.base_layer.bias"] = layer.base_layer.bias
+    if config.bias == "all":
+        for pname, p in tuner.model.named_parameters():
+            if pname.endswith("bias") and "lora_" not in pname and ".base_layer." not in pname \
+                    and ".modules_to_save." not in pname and ".original_module." not in pname:
+                out[PREFIX + pname] = p
+    for name, wrapper in tuner.save_wrappers():
+        if adapter_name in wrapper.modules_to_save:
+            for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                out[f"{PREFIX}{name}.{pname}"] = p
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _full_b_from_slices(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """Block matrix (out, n*r): slice i's B in its rows and its r columns, zeros elsewhere."""
+    spec = layer.specs[adapter_name]
+    b = layer.lora_B[adapter_name].weight
+    rows = spec.slices[0][1] - spec.slices[0][0]
+    full = b.new_zeros(layer.out_features, spec.r * len(spec.slices))
+    for i, (start, stop) in enumerate(spec.slices):
+        full[start:stop, i * spec.r:(i + 1) * spec.r] = b[i * rows:(i + 1) * rows]
+    return full
+
+
+def config_for_disk(tuner, adapter_name: str) -> LoraConfig:
+    """The config as peft should read it: fused slices become a wider plain LoRA."""
+    config: LoraConfig = tuner.peft_config[adapter_name]
+    fused: dict[str, list[str]] = {}
+    for name, layer in tuner.lora_layers():
+        spec = layer.specs.get(adapter_name)
+        if spec is not None and spec.slices:
+            leaf = name.rsplit(".", 1)[-1]
+            fused[leaf] = list(_slice_names_of(tuner, leaf, spec.slices, layer.out_features))
+    if not fused:
+        return config
+    targets = [t for t in _as_list(config.target_modules) if not any(t in s for s in fused.values())]
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    for leaf, names in fused.items():
+        k = len(names)
+        r = rank_pattern.get(leaf, config.r)
+        alpha = alpha_pattern.get(leaf, config.lora_alpha)
+        rank_pattern[leaf] = r * k
+        alpha_pattern[leaf] = alpha * (math.sqrt(k) if config.use_rslora else k)
+        targets.append(leaf)
+    return replace(config, target_modules=sorted(set(targets)), rank_pattern=rank_pattern,
+                   alpha_pattern=alpha_pattern, fused_slices=fused)
+
+
+def config_from_disk(config: LoraConfig) -> LoraConfig:
+    """Reverse ``config_for_disk``: a file written with fused slices becomes sliced again."""
+    if not config.fused_slices:
+        return config
+    targets = set(_as_list(config.target_modules))
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    for leaf, names in config.fused_slices.items():
+        k = len(names)
+        targets.discard(leaf)
+        targets.update(names)
+        if leaf in rank_pattern:
+            r = rank_pattern.pop(leaf) // k
+            if r != config.r:
+                rank_pattern[leaf] = r
+        if leaf in alpha_pattern:
+            alpha = alpha_pattern.pop(leaf) / (math.sqrt(k) if config.use_rslora else k)
+            if not math.isclose(alpha, config.lora_alpha):
+                alpha_pattern[leaf] = alpha
+    return replace(config, target_modules=sorted(targets), rank_pattern=rank_pattern,
+                   alpha_pattern=alpha_pattern, fused_slices=None)
+
+
+def _slice_names_of(tuner, leaf: str, slices, out_features: int) -> tuple[str, ...]:
+    from .tuner import fused_slice_names
+
+    all_names = fused_slice_names(tuner.model)[leaf]
+    size = out_features // len(all_names)
+    return tuple(all_names[start // size] for start, _ in slices)
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def load_lora_state_dict(tuner, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy peft-named tensors into adapter ``adapter_name``; every mismatch is an error naming it."""
+    tensors = dict(tensors)
+    expected = lora_state_dict(tuner, adapter_name)  # names and shapes this model needs
+    missing = [k for k in expected if k not in tensors]
+    lora_missing = [k for k in missing if "lora_" in k]
+    if lora_missing:
+        raise AdapterFileError(
+            f"{source}: {len(lora_missing)} adapter tensors this model needs are missing, e.g. "
+            f"{lora_missing[0]} (was the adapter made for another base model or target_modules?)")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise AdapterFileError(
+            f"{source}: {len(unexpected)} tensors do not belong to any adapted layer of this model, e.g. "
+            f"{unexpected[0]} (was the adapter made for another base model?)")
+    if missing:
+        warnings.warn(f"{source}: {len(missing)} tensors not in the file keep their base values, "
+                      f"e.g. {missing[0]}", stacklevel=3)
+    for key, value in tensors.items():
+        if not value.dtype.is_floating_point:
+            raise AdapterFileError(f"{source}: tensor {key} has dtype {value.dtype}, expected a float dtype")
+        if not torch.isfinite(value).all():
+            raise AdapterFileError(f"{source}: tensor {key} holds NaN or inf values")
+    with torch.no_grad():
+        for name, layer in tuner.lora_layers():
+            if adapter_name in layer.specs:
+                _load_layer(layer, name, adapter_name, tensors)
+        for pname, p in tuner.model.named_parameters():
+            key = _disk_key_for_param(pname, adapter_name)
+            if key is not None and key in tensors and "lora_" not in key:
+                check_shape(pname, key, p.shape, tensors[key].shape)
+                p.copy_(tensors[key].to(p.dtype))
+
+
+def _disk_key_for_param(pname: str, adapter_name: str) -> str | None:
+    """Module-to-save and bias parameters: in-memory name -> on-disk key."""
+    marker = f".modules_to_save.{adapter_name}."
+    if marker in pname:
+        return PREFIX + pname.replace(marker, ".")
+    if ".modules_to_save." in pname or ".original_module." in pname:
+        return None
+    if pname.endswith("bias"):
+        return PREFIX + pname
+    return None
+
+
+def _load_layer(layer: LoraLayer, name: str, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+    key = PREFIX + name
+    spec = layer.specs[adapter_name]
+    if layer.is_embedding:
+        for part in ("A", "B"):
+            param = getattr(layer, f"lora_embedding_{part}")[adapter_name]
+            value = tensors[f"{key}.lora_embedding_{part}"]
+            check_shape(name, f"lora_embedding_{part}", param.shape, value.shape)
+            param.copy_(value.to(param.dtype))
+    else:
+        a_param, b_param = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        check_shape(name, "lora_A.weight", a_param.shape, a.shape)
+        if spec.slices:
+            check_shape(name, "lora_B.weight", (layer.out_features, a_param.shape[0]), b.shape)
+            rows = spec.slices[0][1] - spec.slices[0][0]
+            b = torch.cat([b[start:stop, i * spec.r:(i + 1) * spec.r] for i, (start, stop) in enumerate(spec.slices)])
+            assert b.shape[0] == rows * len(spec.slices)
+        check_shape(name, "lora_B.weight", b_param.shape, b.shape)
+        a_param.copy_(a.to(a_param.dtype))
+        b_param.copy_(b.to(b_param.dtype))
+    if adapter_name in layer.lora_magnitude_vector:
+        param = layer.lora_magnitude_vector[adapter_name]
+        value = tensors[f"{key}.lora_magnitude_vector"]
+        check_shape(name, "lora_magnitude_vector", param.shape, value.shape)
+        param.copy_(value.to(param.dtype))
+
+
+# ---- files -------------------------------------------------------------------------------------
+def read_adapter_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of an adapter folder; safetensors only unless ``allow_pickle``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    st_path = directory / WEIGHTS_NAME
+    bin_path = directory / PICKLE_WEIGHTS_NAME
+    if st_path.is_file():
+        try:
+            return load_file(str(st_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise AdapterFileError(f"{st_path}: not a readable safetensors file ({exc})") from None
+    if bin_path.is_file():
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{bin_path}: pickled adapter weights are not loaded by default, since unpickling can run "
+                f"code. Convert it to safetensors, or pass allow_pickle=True (read with weights_only=True).")
+        try:
+            data = torch.load(str(bin_path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise AdapterFileError(f"{bin_path}: cannot be read safely ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapterFileError(f"{bin_path}: expected a dict of tensors")
+        return data
+    raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME} in this folder")
+
+
+def write_adapter_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from .atomic import atomic_save_safetensors
+
+    tensors = {k: (v.clone() if _shares_storage(v, tensors) else v) for k, v in tensors.items()}
+    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def _shares_storage(t: torch.Tensor, all_tensors: dict[str, torch.Tensor]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return sum(1 for v in all_tensors.values() if v.untyped_storage().data_ptr() == ptr) > 1
+

@@ -1,0 +1,402 @@
+"""The LoRA layer: a frozen base layer plus any number of named low-rank adapters.
+
+LoRA (Hu et al. 2021, arXiv:2106.09685) learns a low-rank update of a frozen weight::
+
+         x ───────────────┬──────────────────────┐
+         │                │                      │
+   ┌─────▼─────┐    ┌─────▼─────┐                │
+   │  base W   │    │ dropout   │                │
+   │ (frozen)  │    │ A: r x in │  kaiming init  │
+   └─────┬─────┘    │ B: out x r│  zero init     │
+         │          └─────┬─────┘                │
+         │                │ * scaling            │   scaling = alpha / r
+         └──────(+)───────┘                      │   (rsLoRA: alpha / sqrt(r))
+                 │
+                 y = W x + scaling * B A dropout(x)
+
+DoRA (Liu et al. 2024, arXiv:2402.09353) splits the adapted weight into a direction and a
+trained per-row magnitude m: ``y = m / ||W + s B A|| * (W x + s B A x) + bias``, the norm detached.
+
+A GPT-2 style fused projection (q, k, v in one ``c_attn``) may carry an adapter on some output
+*slices* only; then A stacks one r-row block per slice and B holds one (rows x r) block per slice.
+
+Names and shapes follow peft (``lora_A.<adapter>.weight`` is (r, in), ``lora_B`` (out, r),
+``lora_embedding_A.<adapter>`` (r, num_embeddings)), so state dicts move between the libraries.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterFileError, ConfigError
+from .targets import in_out_features, module_kind
+
+BASE_ROW = "__base__"  # adapter name meaning "no adapter" in mixed batches (peft's)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What one adapter needs to know about itself in one layer."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: bool | str = True
+    slices: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLayer(nn.Module):
+    """Wraps ``base_layer`` (Linear, GPT-2 Conv1D, Embedding or a bitsandbytes linear)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        kind = module_kind(base_layer)
+        if kind is None:
+            raise ConfigError(f"LoRA cannot wrap a {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.kind = kind
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str] | None = None  # per-row adapter names for mixed batches
+        self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms captured at merge time
+
+    # ---- adapters ------------------------------------------------------------------------
+    @property
+    def is_embedding(self) -> bool:
+        return self.kind == "embedding"
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """GPT-2's Conv1D stores W as (in, out)."""
+        return self.kind == "conv1d"
+
+    def scaling(self, name: str) -> float:
+        return self.specs[name].scaling
+
+    def add(self, name: str, spec: AdapterSpec) -> None:
+        """Create adapter ``name`` (inactive until ``set_active``)."""
+        if name in self.specs:
+            raise ConfigError(f"adapter {name!r} already exists in this layer")
+        if spec.use_dora and (self.is_embedding or spec.slices):
+            raise ConfigError("DoRA is supported on Linear and Conv1D layers, not on embeddings or fused slices")
+        device, dtype = self._param_device_dtype()
+        if self.is_embedding:
+            self.lora_embedding_A[name] = nn.Parameter(torch.randn(spec.r, self.in_features, device=device, dtype=dtype))
+            self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, spec.r, device=device, dtype=dtype))
+        else:
+            n_slices = len(spec.slices) if spec.slices else 1
+            rows = (spec.slices[0][1] - spec.slices[0][0]) * n_slices if spec.slices else self.out_features
+            self.lora_A[name] = nn.Linear(self.in_features, spec.r * n_slices, bias=False, device=device, dtype=dtype)
+            self.lora_B[name] = nn.Linear(spec.r, rows, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.specs[name] = spec
+        self.reset_parameters(name)
+        if spec.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self._dora_weight_norm(name).detach().clone())
+
+    def reset_parameters(self, name: str) -> None:
+        init = self.specs[name].init
+        with torch.no_grad():
+            if self.is_embedding:
+                if init is False:
+                    return  # both random normal, as created
+                nn.init.zeros_(self.lora_embedding_A[name])
+                nn.init.normal_(self.lora_embedding_B[name])
+                return
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if init is False:
+                return  # nn.Linear's own init for both: a non-zero adapter, useful for tests
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / self.specs[name].r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        for store in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_embedding_A,
+                      self.lora_embedding_B, self.lora_magnitude_vector):
+            if name in store:
+                del store[name]
+        self.specs.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.specs]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = []
+        for store in (self.lora_A, self.lora_B):
+            if name in store:
+                params += list(store[name].parameters())
+        for store in (self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector):
+            if name in store:
+                params.append(store[name])
+        return params
+
+    def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        if weight.device.type == "meta":
+            return torch.device("cpu"), dtype
+        return weight.device, dtype
+
+    # ---- weights -------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), dequantized when the base is 4/8-bit."""
+        if self.kind in ("linear4bit", "linear8bitlt"):
+            from .quant import dequantize_weight
+
+            return dequantize_weight(self.base_layer)
+        w = self.base_layer.weight
+        if self.is_embedding:
+            return w.T
+        return w.T if self.fan_in_fan_out else w
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A as an (out, in) matrix (embedding: (dim, num_embeddings))."""
+        spec = self.specs[name]
+        if self.is_embedding:
+            return self.lora_embedding_B[name] @ self.lora_embedding_A[name] * spec.scaling
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if not spec.slices:
+            return b @ a * spec.scaling
+        delta = torch.zeros(self.out_features, self.in_features, device=a.device, dtype=a.dtype)
+        r = spec.r
+        for i, (start, stop) in enumerate(spec.slices):
+            rows = stop - start
+            delta[start:stop] = b[i * rows:(i + 1) * rows] @ a[i * r:(i + 1) * r] * spec.scaling
+        return delta
+
+    def _dora_weight_norm(self, name: str) -> torch.Tensor:
+        weight = self.base_weight().to(self.lora_A[name].weight.dtype)
+        return torch.linalg.norm(weight + self.delta_weight(name), dim=1)
+
+    # ---- merge ---------------------------------------------------------------------------
+    def merged_weight(self, names: Sequence[str], safe: bool = False) -> torch.Tensor:
+        """The base weight with adapters ``names`` folded in, as (out, in), in the adapter dtype."""
+        weight = self.base_weight().detach().clone()
+        for name in names:
+            delta = self.delta_weight(name).detach().to(weight.dtype)
+            if self.specs[name].use_dora:
+                norm = torch.linalg.norm(weight + delta, dim=1)
+                self._dora_norms[name] = norm
+                scale = (self.lora_magnitude_vector[name].detach() / norm).to(weight.dtype)
+                weight = scale[:, None] * (weight + delta)
+            else:
+                weight = weight + delta
+        if safe and not torch.isfinite(weight).all():
+            raise ValueError(f"merging adapters {list(names)} gives NaN or inf weights; the model was left unmerged")
+        return weight
+
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        if self.kind in ("linear4bit", "linear8bitlt"):
+            raise ConfigError("cannot merge in place into a quantized layer; use merge_and_unload(), which dequantizes")
+        target = self.base_layer.weight
+        new = weight.T if (self.is_embedding or self.fan_in_fan_out) else weight
+        with torch.no_grad():
+            target.copy_(new.to(target.dtype))
+
+    def merge(self, names: Sequence[str] | None = None, safe: bool = False) -> None:
+        names = [n for n in (names if names is not None else self.active_adapters)
+                 if n not in self.merged_adapters and n in self.specs]
+        if not names:
+            return
+        self._write_base_weight(self.merged_weight(names, safe=safe))
+        self.merged_adapters.extend(names)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        """Undo merges in reverse order; exact up to float rounding."""
+        names = list(names) if names is not None else list(self.merged_adapters)
+        weight = self.base_weight().detach().clone()
+        for name in reversed([n for n in self.merged_adapters if n in names]):
+            delta = self.delta_weight(name).detach().to(weight.dtype)
+            if self.specs[name].use_dora:
+                scale = (self.lora_magnitude_vector[name].detach() / self._dora_norms.pop(name)).to(weight.dtype)
+                weight = weight / scale[:, None] - delta
+            else:
+                weight = weight - delta
+            self.merged_adapters.remove(name)
+        self._write_base_weight(weight)
+
+    # ---- forward -------------------------------------------------------------------------
+    def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the output for input ``x`` (same leading dims)."""
+        spec = self.specs[name]
+        if self.is_embedding:
+            after_a = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=self.base_layer.padding_idx,
+                                  max_norm=self.base_layer.max_norm, norm_type=self.base_layer.norm_type,
+                                  scale_grad_by_freq=self.base_layer.scale_grad_by_freq,
+                                  sparse=self.base_layer.sparse)
+            return (after_a @ self.lora_embedding_B[name].T) * spec.scaling
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        x = x.to(lora_a.weight.dtype)
+        xd = dropout(x)
+        if spec.use_dora:
+            return self._dora_out(x, xd, name, base_out)
+        hidden = lora_a(xd)
+        if not spec.slices:
+            return lora_b(hidden) * spec.scaling
+        return self._sliced_out(hidden, name, spec) * spec.scaling
+
+    def _sliced_out(self, hidden: torch.Tensor, name: str, spec: AdapterSpec) -> torch.Tensor:
+        """Per-slice B blocks placed into their output rows; untouched rows get zeros."""
+        b = self.lora_B[name].weight
+        rows = spec.slices[0][1] - spec.slices[0][0]
+        pieces, cursor = [], 0
+        for i, (start, stop) in enumerate(spec.slices):
+            if start > cursor:
+                pieces.append(hidden.new_zeros(*hidden.shape[:-1], start - cursor))
+            h = hidden[..., i * spec.r:(i + 1) * spec.r]
+            pieces.append(F.linear(h, b[i * rows:(i + 1) * rows]))
+            cursor = stop
+        if cursor < self.out_features:
+            pieces.append(hidden.new_zeros(*hidden.shape[:-1], self.out_features - cursor))
+        return torch.cat(pieces, dim=-1)
+
+    def _dora_out(self, x: torch.Tensor, xd: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        spec = self.specs[name]
+        weight = self.base_weight().to(x.dtype)
+        lora = self.lora_B[name](self.lora_A[name](xd))
+        with torch.no_grad():
+            norm = torch.linalg.norm(weight + self.delta_weight(name), dim=1)
+        scale = self.lora_magnitude_vector[name] / norm
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_no_bias = base_out.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
+        else:
+            base_no_bias = F.linear(xd, weight)
+        return (scale - 1) * base_no_bias + scale * lora * spec.scaling
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, result)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = result + self._lora_out(x, name, result).to(result.dtype)
+        return result
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each batch row gets its own adapter (``__base__`` = none), as peft's adapter_names."""
+        if self.merged_adapters:
+            raise ConfigError("mixed adapter batches need unmerged adapters; call unmerge_adapter() first")
+        names = expand_row_names(self.row_adapters, x.shape[0])
+        out = result.clone()
+        for name in dict.fromkeys(names):
+            if name == BASE_ROW:
+                continue
+            if name not in self.specs:
+                continue  # this adapter does not touch this layer
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            sub = x.index_select(0, rows)
+            out[rows] = out[rows] + self._lora_out(sub, name, result.index_select(0, rows)).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, adapters={list(self.specs)}, active={self.active_adapters}"
+
+
+def expand_row_names(names: Sequence[str], batch: int) -> list[str]:
+    """Repeat per-row adapter names when generation expands rows (beams, num_return_sequences)."""
+    names = list(names)
+    if len(names) == batch:
+        return names
+    if batch % len(names) == 0:
+        factor = batch // len(names)
+        return [n for n in names for _ in range(factor)]
+    raise ConfigError(f"adapter_names has {len(names)} entries for a batch of {batch} rows")
+
+
+@contextmanager
+def row_adapters(layers: Sequence[LoraLayer], names: Sequence[str] | None) -> Iterator[None]:
+    """Within the block, every LoRA layer applies ``names[i]`` to batch row i."""
+    if names is None:
+        yield
+        return
+    for layer in layers:
+        layer.row_adapters = list(names)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A fully trained copy of a module (a classifier head, say) per adapter; the original stays."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        import copy
+
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def delete(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_active(self, names: Sequence[str]) -> None:
+        present = [n for n in names if n in self.modules_to_save]
+        self.active_adapter = present[0] if present else None
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current(), name)
+
+
+def check_shape(module_name: str, key: str, expected: torch.Size, got: torch.Size) -> None:
+    if tuple(expected) != tuple(got):
+        raise AdapterFileError(
+            f"{module_name}: adapter tensor {key} has shape {tuple(got)} but this base model needs "
+            f"{tuple(expected)} (was the adapter trained on another base model or rank?)"
+        )

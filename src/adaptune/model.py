@@ -1,0 +1,400 @@
+"""PeftModel and its task classes: peft's user-facing API over adaptune's adapters.
+
+``get_peft_model(model, config)`` returns the task class for ``config.task_type``; everything a
+peft user calls (``save_pretrained``, ``from_pretrained``, ``merge_and_unload``, adapters by name,
+``disable_adapter``...) lives here and delegates the layer work to ``tuner.LoraModel`` (LoRA) or
+``prompt`` (prompt tuning, P-tuning, prefix tuning).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import LoraConfig, PeftConfig, TaskType
+from .errors import AdapterFileError, ConfigError
+from .lora import LoraLayer, row_adapters
+from .tuner import LoraModel
+
+
+def _check_task_fits(model: nn.Module, task_type: TaskType | None) -> None:
+    """A task type that the model cannot serve is a config mistake, said before any change."""
+    if task_type is None:
+        return
+    config = getattr(model, "config", None)
+    is_enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    cls = type(model).__name__
+    problem = None
+    if task_type == TaskType.CAUSAL_LM and (is_enc_dec or not hasattr(model, "generate")
+                                            or model.get_output_embeddings() is None):
+        problem = "a decoder-only model with a language-model head (e.g. AutoModelForCausalLM)"
+    elif task_type == TaskType.SEQ_2_SEQ_LM and not is_enc_dec:
+        problem = "an encoder-decoder model (e.g. AutoModelForSeq2SeqLM)"
+    elif task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) and not names & {"classifier", "score"}:
+        problem = "a model with a classification head (classifier or score)"
+    elif task_type == TaskType.QUESTION_ANS and "qa_outputs" not in names:
+        problem = "a model with a qa_outputs head (AutoModelForQuestionAnswering)"
+    if problem:
+        raise ConfigError(f"task_type={task_type.value} needs {problem}, but got {cls}")
+
+
+def _name_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+
+
+class PeftModel(nn.Module):
+    """A transformers model with named adapters. Construct with ``get_peft_model``."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        _check_task_fits(model, peft_config.task_type)
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = _name_of(model)
+        self.peft_type = peft_config.peft_type
+        if peft_config.is_prompt_learning:
+            from .prompt import PromptLearning
+
+            self.base_model = model
+            self._prompt = PromptLearning(self, peft_config, adapter_name)
+        else:
+            if not isinstance(peft_config, LoraConfig):
+                raise ConfigError(f"unsupported config type {type(peft_config).__name__}")
+            self.base_model = LoraModel(model, peft_config, adapter_name)
+        if getattr(model, "is_activation_checkpointing", False):
+            self._make_inputs_require_grad()
+
+    # ---- attribute pass-through ------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_prompt"):
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def _is_prompt_learning(self) -> bool:
+        return "_prompt" in self.__dict__
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        if self._is_prompt_learning:
+            return self._prompt.peft_config
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        if self._is_prompt_learning:
+            return self._prompt.active_adapter
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model inside (with adapter layers in place)."""
+        return self.base_model if self._is_prompt_learning else self.base_model.model
+
+    def _lora_layers(self) -> list[LoraLayer]:
+        if self._is_prompt_learning:
+            return []
+        return [layer for _, layer in self.base_model.lora_layers()]
+
+    # ---- forward / generate ----------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+        if self._is_prompt_learning:
+            return self._prompt.forward(*args, **kwargs)
+        with row_adapters(self._lora_layers(), adapter_names):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+        if self._is_prompt_learning:
+            return self._prompt.generate(*args, **kwargs)
+        with row_adapters(self._lora_layers(), adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    # ---- parameters ------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; 4-bit weights count two per stored byte, as peft does."""
+        trainable, total = 0, 0
+        for p in self.parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":
+                n *= 2 * (p.quant_storage.itemsize if hasattr(p, "quant_storage") else 1)
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ---- gradient checkpointing ------------------------------------------------------------
+    def _make_inputs_require_grad(self) -> None:
+        """With frozen embeddings and reentrant checkpointing, no grad would reach the adapters."""
+        base = self.get_base_model()
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self._make_inputs_require_grad()
+
+    # ---- adapters --------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Add an adapter; it is not activated (call ``set_adapter``)."""
+        if peft_config.peft_type != self.peft_type:
+            raise ConfigError(f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model")
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = _name_of(self.get_base_model())
+        if self._is_prompt_learning:
+            self._prompt.add_adapter(adapter_name, peft_config)
+            return
+        active = self.active_adapter
+        self.base_model.inject_adapter(peft_config, adapter_name)
+        self.base_model.set_adapter(active)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if self._is_prompt_learning:
+            self._prompt.set_adapter(adapter_name)
+        else:
+            self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if self._is_prompt_learning:
+            self._prompt.delete_adapter(adapter_name)
+        else:
+            self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model is exactly the base model; merges are restored after."""
+        if self._is_prompt_learning:
+            with self._prompt.disabled():
+                yield
+            return
+        merged = {id(layer): list(layer.merged_adapters) for layer in self._lora_layers()}
+        for layer in self._lora_layers():
+            layer.unmerge()
+        self.base_model.set_disabled(True)
+        try:
+            yield
+        finally:
+            self.base_model.set_disabled(False)
+            for layer in self._lora_layers():
+                layer.merge(merged[id(layer)])
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        self._lora_only("merge_adapter").merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self._lora_only("unmerge_adapter").unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Fold the active adapter(s) into the weights and return the plain transformers model."""
+        tuner = self._lora_only("merge_and_unload")
+        if any(layer.kind in ("linear4bit", "linear8bitlt") for layer in self._lora_layers()):
+            warnings.warn("the base is quantized: merging dequantizes it and returns a full-precision model",
+                          stacklevel=2)
+        return tuner.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapter layers (unmerging first) and return the base transformers model."""
+        return self._lora_only("unload").unload()
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        self._lora_only("add_weighted_adapter").add_weighted_adapter(
+            adapters, weights, adapter_name, combination_type=combination_type, svd_rank=svd_rank)
+
+    def _lora_only(self, what: str) -> LoraModel:
+        if self._is_prompt_learning:
+            raise ConfigError(f"{what} is for LoRA adapters; this model has a {self.peft_type} adapter")
+        return self.base_model
+
+    # ---- files -----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True,
+                        selected_adapters: Sequence[str] | None = None, is_main_process: bool = True,
+                        **_: Any) -> None:
+        """Write each adapter in peft's layout: ``default`` at the root, others in sub-folders."""
+        if not is_main_process:
+            return
+        if not safe_serialization:
+            warnings.warn("adaptune writes safetensors only; safe_serialization=False is ignored", stacklevel=2)
+        root = Path(save_directory)
+        if root.exists() and not root.is_dir():
+            raise AdapterFileError(f"{root}: exists and is not a folder")
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            if name not in self.peft_config:
+                raise ConfigError(f"no adapter named {name!r}; adapters: {list(self.peft_config)}")
+            folder = root if name == "default" else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            tensors, config = self._disk_state(name)
+            checkpoint.write_adapter_tensors(folder, tensors)
+            config.save_pretrained(folder)
+            _write_model_card(folder, config)
+
+    def _disk_state(self, name: str) -> tuple[dict[str, torch.Tensor], PeftConfig]:
+        if self._is_prompt_learning:
+            return self._prompt.state_dict_for_disk(name), self.peft_config[name]
+        return checkpoint.lora_state_dict(self.base_model, name), checkpoint.config_for_disk(self.base_model, name)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        allow_pickle: bool = False, subfolder: str | None = None, **_: Any) -> "PeftModel":
+        """Load a saved adapter onto ``model``: eval mode and frozen unless ``is_trainable``."""
+        folder = resolve_adapter_folder(model_id, subfolder)
+        config = config or PeftConfig.from_pretrained(folder)
+        config = _prepare_loaded_config(config, is_trainable)
+        _warn_if_other_base(model, config, folder)
+        target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+        peft_model = target_cls(model, config, adapter_name)
+        peft_model._load_weights(folder, adapter_name, allow_pickle)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, subfolder: str | None = None, **_: Any) -> None:
+        """Add a saved adapter under ``adapter_name`` (not activated), or reload an existing one."""
+        folder = resolve_adapter_folder(model_id, subfolder)
+        config = _prepare_loaded_config(PeftConfig.from_pretrained(folder), is_trainable)
+        _warn_if_other_base(self.get_base_model(), config, folder)
+        if adapter_name not in self.peft_config:
+            self.add_adapter(adapter_name, config)
+        self._load_weights(folder, adapter_name, allow_pickle)
+
+    def _load_weights(self, folder: Path, adapter_name: str, allow_pickle: bool) -> None:
+        tensors = checkpoint.read_adapter_tensors(folder, allow_pickle=allow_pickle)
+        if self._is_prompt_learning:
+            self._prompt.load_state_dict_from_disk(adapter_name, tensors, str(folder))
+        else:
+            checkpoint.load_lora_state_dict(self.base_model, adapter_name, tensors, str(folder))
+
+
+def _prepare_loaded_config(config: PeftConfig, is_trainable: bool) -> PeftConfig:
+    if isinstance(config, LoraConfig):
+        config = checkpoint.config_from_disk(config)
+    config.inference_mode = not is_trainable
+    return config
+
+
+def resolve_adapter_folder(model_id: str | Path, subfolder: str | None = None) -> Path:
+    """A local adapter folder, or a hub id downloaded for users who have the internet."""
+    path = Path(model_id)
+    if path.is_dir():
+        return path / subfolder if subfolder else path
+    if path.exists() or str(model_id).startswith((".", "/", "~")) or str(model_id).count("/") > 1:
+        raise AdapterFileError(f"{model_id}: no such adapter folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(str(model_id), allow_patterns=["*.json", "*.safetensors", "*.md"])
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, auth: all mean "not found"
+        raise AdapterFileError(f"{model_id}: not a local folder and not downloadable ({type(exc).__name__})") from None
+    return Path(local) / subfolder if subfolder else Path(local)
+
+
+def _warn_if_other_base(model: nn.Module, config: PeftConfig, folder: Path) -> None:
+    saved, current = config.base_model_name_or_path, _name_of(model)
+    if saved and current and Path(str(saved)).name != Path(str(current)).name:
+        warnings.warn(f"{folder}: adapter was trained on {saved!r} but is being loaded onto {current!r}",
+                      stacklevel=3)
+
+
+def _write_model_card(folder: Path, config: PeftConfig) -> None:
+    from .atomic import atomic_write_text
+
+    card = folder / "README.md"
+    if card.exists():
+        return  # the trainer writes a richer card (with the command); keep it
+    lines = [
+        "---", "library_name: adaptune", f"base_model: {config.base_model_name_or_path}", "tags: [peft, adaptune]",
+        "---", "", f"# {config.peft_type.value if hasattr(config.peft_type, 'value') else config.peft_type} adapter", "",
+        f"Base model: `{config.base_model_name_or_path}`. Task: `{getattr(config.task_type, 'value', config.task_type)}`.",
+        "", "Load with adaptune or peft:", "", "```python",
+        "from adaptune import PeftModel  # or: from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, \"<this folder>\")", "```", "",
+    ]
+    atomic_write_text(card, "\n".join(lines))
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language modelling (``AutoModelForCausalLM`` bases)."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                adapter_names: Sequence[str] | None = None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, adapter_names=adapter_names, **kwargs)
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification; the classifier head trains in full and is saved with the adapter."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                adapter_names: Sequence[str] | None = None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, adapter_names=adapter_names, **kwargs)
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """Token classification; the classifier head trains in full and is saved with the adapter."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder generation (``AutoModelForSeq2SeqLM`` bases)."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, labels=None, adapter_names: Sequence[str] | None = None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                               labels=labels, adapter_names=adapter_names, **kwargs)
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive QA; the qa_outputs head trains in full and is saved with the adapter."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None,
+                end_positions=None, adapter_names: Sequence[str] | None = None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               start_positions=start_positions, end_positions=end_positions,
+                               adapter_names=adapter_names, **kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Embeddings / hidden states (``AutoModel`` bases)."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+                adapter_names: Sequence[str] | None = None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               adapter_names=adapter_names, **kwargs)
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
+    """Wrap ``model`` with a new adapter; only the adapter (and heads to save) will train."""
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+    return cls(model, peft_config, adapter_name)
