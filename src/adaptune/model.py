@@ -148,7 +148,9 @@ class PeftModel(nn.Module):
             base.enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        base = self.get_base_model()
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         self._make_inputs_require_grad()
 
     # ---- adapters --------------------------------------------------------------------------

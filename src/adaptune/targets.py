@@ -125,7 +125,17 @@ def _output_head_names(model: nn.Module) -> set[str]:
 def adaptable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """Every (name, module, kind) that a LoRA layer can wrap."""
     out = []
+    inside: list[str] = []  # prefixes of adapter wrappers, whose internals are not targets
     for name, module in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        if type(module).__name__ in ("LoraLayer", "ModulesToSaveWrapper"):
+            inside.append(name + ".")
+            base = getattr(module, "base_layer", None)
+            kind = module_kind(base) if base is not None else None
+            if kind is not None:  # an already wrapped layer can take another adapter
+                out.append((name, base, kind))
+            continue
         kind = module_kind(module)
         if kind is not None and name:
             out.append((name, module, kind))
