@@ -149,8 +149,10 @@ class PeftModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         base = self.get_base_model()
-        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         self._make_inputs_require_grad()
 
     # ---- adapters --------------------------------------------------------------------------
