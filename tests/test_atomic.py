@@ -64,10 +64,9 @@ def test_exception_mid_write_leaves_old_file(tmp_path):
     target = tmp_path / "adapter_config.json"
     atomic_write_json(target, {"r": 8})
     before = target.read_bytes()
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_path(target) as tmp:
-            tmp.write_text('{"r": 1')  # half a file
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_text('{"r": 1')  # half a file
+        raise RuntimeError("boom")
     assert target.read_bytes() == before
     with pytest.raises(TypeError):
         atomic_write_json(target, {"bad": object()})
@@ -131,10 +130,9 @@ def test_atomic_directory_exception_keeps_old_folder(tmp_path):
     dest = tmp_path / "adapter"
     dest.mkdir()
     (dest / "adapter_model.safetensors").write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(dest) as d:
-            (d / "adapter_model.safetensors").write_bytes(b"half")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_directory(dest) as d:
+        (d / "adapter_model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
     assert (dest / "adapter_model.safetensors").read_bytes() == b"old"
     assert _names(tmp_path) == ["adapter"]
 
