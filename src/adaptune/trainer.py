@@ -1,0 +1,391 @@
+"""``Trainer`` and ``TrainingArguments``: transformers' own, with adaptune's fallbacks and callbacks.
+
+Not a new training loop: the subclasses keep transformers' loop, optimizer, scheduler, logging
+and resume machinery, and change only what makes a classic script break or waste work:
+
+- ``TrainingArguments(fp16=True)`` / ``bf16=True`` on hardware without it trains in the best
+  precision there is (bf16 where supported, else fp16 on a GPU, else fp32), said once.
+  (transformers 5 raises for bf16 on a CPU and silently ignores fp16 there.)
+- ``Trainer(tokenizer=...)``, renamed ``processing_class=`` in transformers 5, is accepted.
+- Rows that are tuples (``TensorDataset(input_ids, attention_mask[, labels])``) become dicts, and
+  a causal LM batch without labels gets ``labels = input_ids`` with padding masked to -100.
+- An adapter model (adaptune's ``PeftModel``, or peft's) is checkpointed as an adapter folder,
+  and resume / ``load_best_model_at_end`` load the adapter back.
+- Default callbacks: a progress bar with loss and tokens/s, ``metrics.jsonl`` + ``loss.png``,
+  and a NaN/inf guard (see :mod:`adaptune.callbacks`).
+- The output folder is checked for write access and free space before anything else.
+
+Defaults that differ from transformers: ``report_to="none"``; ``remove_unused_columns`` is off when
+you pass your own ``data_collator`` (it may need columns the model's forward does not take) and on
+otherwise; ``dataloader_pin_memory`` is on only with a GPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
+from transformers.utils import logging as hf_logging
+from transformers.utils.generic import can_return_loss, find_labels
+from transformers.utils.peft_utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
+
+from adaptune.atomic import atomic_write_text, check_writable
+from adaptune.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, StepStats, TrainingDiverged
+from adaptune.errors import ConfigError, DataError
+
+logger = hf_logging.get_logger(__name__)
+
+__all__ = ["AdaptuneWarning", "LabelsAndTuplesCollator", "Trainer", "TrainingArguments", "TrainingDiverged",
+           "last_complete_checkpoint"]
+
+
+
+class AdaptuneWarning(UserWarning):
+    """adaptune changed something you asked for so that the run can go on; the text says what."""
+
+
+def _warn(message: str, stacklevel: int = 3) -> None:
+    warnings.warn(message, AdaptuneWarning, stacklevel=stacklevel)
+
+
+# ---- precision --------------------------------------------------------------------------------
+
+
+def _accelerator_type() -> str | None:
+    """'cuda', 'xpu', 'mps', ... for the accelerator torch sees, or None on a CPU-only machine."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None:
+        return acc.current_accelerator().type if acc.is_available() else None
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def _native_bf16(device: str) -> bool:
+    if device == "cuda":
+        try:  # emulated bf16 on pre-Ampere GPUs works but is slow: fp16 is the better choice there
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            return torch.cuda.is_bf16_supported()
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    return is_torch_bf16_gpu_available()
+
+
+def _best_precision(use_cpu: bool) -> tuple[str, str]:
+    """(best of 'bf16' / 'fp16' / 'fp32', device name) for this machine."""
+    device = None if use_cpu else _accelerator_type()
+    if device is None:
+        return "fp32", "CPU"
+    if _native_bf16(device):
+        return "bf16", device
+    return "fp16", device
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' ``TrainingArguments`` with adaptune's defaults and precision fallback."""
+
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"help": "Integrations to report to ('all', 'none', or names); adaptune defaults to 'none'."},
+    )
+    remove_unused_columns: bool | None = field(
+        default=None,
+        metadata={"help": "Drop dataset columns the model's forward does not take. None (default): drop them "
+                          "only when the Trainer uses its own collator, not with a data_collator you pass."},
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None, metadata={"help": "Pin dataloader memory; None (default): only when a GPU is used."}
+    )
+
+    def __post_init__(self):
+        self._fall_back_precision()
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = not self.use_cpu and _accelerator_type() is not None
+        super().__post_init__()
+
+    def _fall_back_precision(self) -> None:
+        """fp16/bf16 asked for on hardware that lacks it -> the best precision it has, said once."""
+        for suffix in ("", "_full_eval"):
+            asked = "bf16" if getattr(self, "bf16" + suffix) else "fp16" if getattr(self, "fp16" + suffix) else None
+            if asked is None or (asked == "bf16" and self.use_cpu):  # bf16 on use_cpu=True: transformers' CPU amp
+                continue
+            best, device = _best_precision(self.use_cpu)
+            if asked == best or (asked == "fp16" and best == "bf16"):  # fp16 works wherever bf16 does
+                continue
+            setattr(self, "fp16" + suffix, best == "fp16")
+            setattr(self, "bf16" + suffix, best == "bf16")
+            _warn(f"{asked}{suffix}=True was asked for, but this machine ({device}) cannot train in {asked}; "
+                  f"adaptune uses {best} instead", stacklevel=5)
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+_ROW_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class LabelsAndTuplesCollator:
+    """Wrap a data collator so tuple rows and label-less causal LM batches work.
+
+    - ``rows_to_dicts``: rows that are tuples/lists (``TensorDataset(input_ids, attention_mask
+      [, labels])``) become dicts before ``inner`` sees them; transformers' collators want dicts.
+    - ``causal_lm``: a batch without ``labels`` gets ``labels = input_ids`` with padding
+      (``attention_mask == 0``) set to -100, which is what a causal LM is trained on.
+
+    Each fallback is announced once per collator (with an :class:`AdaptuneWarning`).
+    """
+
+    def __init__(self, inner: Callable, rows_to_dicts: bool = True, causal_lm: bool = True):
+        self.inner = inner
+        self.rows_to_dicts = rows_to_dicts
+        self.causal_lm = causal_lm
+        self._said: set[str] = set()
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            _warn(message)
+
+    def __call__(self, features: list) -> dict:
+        if self.rows_to_dicts and features and isinstance(features[0], (tuple, list)):
+            size = len(features[0])
+            if not 1 <= size <= len(_ROW_KEYS):
+                raise DataError(f"dataset rows are tuples of {size} items; adaptune reads tuples as "
+                                f"({', '.join(_ROW_KEYS)}), so give rows of 1-3 items or dicts")
+            self._say_once("rows", f"the dataset yields tuples, not dicts; adaptune reads each row as "
+                                   f"({', '.join(_ROW_KEYS[:size])}), the order TensorDataset(...) was given")
+            features = [dict(zip(_ROW_KEYS, row)) for row in features]
+        batch = self.inner(features)
+        if self.causal_lm and "labels" not in batch and isinstance(batch.get("input_ids"), torch.Tensor):
+            self._say_once("labels", "the batches have no labels; adaptune trains the causal LM on input_ids "
+                                     "(labels = input_ids, with padding set to -100)")
+            labels = batch["input_ids"].clone()
+            mask = batch.get("attention_mask")
+            if isinstance(mask, torch.Tensor):
+                labels[mask == 0] = -100
+            batch["labels"] = labels
+        return batch
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+def _adapter_base(model: Any) -> torch.nn.Module | None:
+    """The transformers model inside an adapter wrapper (adaptune's or peft's PeftModel), else None.
+
+    Duck-typed (``peft_config`` + ``save_pretrained`` + ``get_base_model``) so that peft is never
+    imported; a transformers model with adapters loaded through transformers' own integration is
+    not a wrapper and is left to transformers.
+    """
+    if isinstance(model, transformers.PreTrainedModel):
+        return None
+    if hasattr(model, "peft_config") and callable(getattr(model, "save_pretrained", None)) \
+            and callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    return None
+
+
+def _active_adapter(model: Any) -> str:
+    name = getattr(model, "active_adapter", "default")
+    return name[0] if isinstance(name, (list, tuple)) else name
+
+
+def _adapter_folder(checkpoint: str | os.PathLike, adapter_name: str) -> Path | None:
+    """Where ``save_pretrained`` put ``adapter_name`` in a checkpoint (peft's layout), if it is there."""
+    folder = Path(checkpoint) if adapter_name == "default" else Path(checkpoint) / adapter_name
+    return folder if any((folder / f).is_file() for f in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)) else None
+
+
+def _is_causal_lm(model: Any) -> bool:
+    base = _adapter_base(model)
+    if base is not None:
+        config = model.peft_config.get(_active_adapter(model)) if isinstance(model.peft_config, dict) else None
+        task = getattr(config, "task_type", None)
+        if task is not None:
+            return str(getattr(task, "value", task)) == "CAUSAL_LM"
+    else:
+        base = unwrap_peft_model(model)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    config = getattr(base, "config", None)
+    return type(base).__name__ in names and not getattr(config, "is_encoder_decoder", False)
+
+
+def _checkpoint_bytes(model: torch.nn.Module | None) -> int:
+    """Disk for one checkpoint: the saved weights plus two fp32 Adam moments, plus 16 MiB of small files."""
+    if model is None:
+        return 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = trainable if _adapter_base(model) is not None else list(model.parameters())
+    return (sum(p.numel() * p.element_size() for p in saved) + 8 * sum(p.numel() for p in trainable)
+            + (16 << 20))
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) reads back whole.
+
+    transformers' own ``get_last_checkpoint`` takes the newest folder even if a kill interrupted
+    its writing; resuming from that fails or, worse, loads half a state.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    steps = []
+    for child in root.iterdir():
+        prefix, _, number = child.name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit() and child.is_dir():
+            steps.append((int(number), child))
+    for _, child in sorted(steps, reverse=True):
+        try:
+            json.loads((child / TRAINER_STATE_NAME).read_text())
+        except (OSError, ValueError):
+            logger.warning(f"skipping {child}: it was not completely written")
+            continue
+        return str(child)
+    return None
+
+
+# ---- trainer -----------------------------------------------------------------------------------
+
+_TRAINER_INIT = inspect.signature(transformers.Trainer.__init__)
+
+
+class Trainer(transformers.Trainer):
+    """transformers' ``Trainer`` with adaptune's fallbacks, adapter checkpoints and callbacks."""
+
+    def __init__(self, *args: Any, tokenizer: Any = None, **kwargs: Any):
+        params = dict(_TRAINER_INIT.bind_partial(self, *args, **kwargs).arguments)
+        params.pop("self")
+        for name, p in _TRAINER_INIT.parameters.items():  # a **kwargs catch-all, should transformers add one
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                params.update(params.pop(name, {}))
+        if tokenizer is not None:
+            if params.get("processing_class") is not None:
+                raise ConfigError("pass the tokenizer once: as processing_class= (or the old name tokenizer=)")
+            _warn("Trainer(tokenizer=...) is called processing_class= since transformers 5; "
+                  "adaptune passes your tokenizer as processing_class")
+            params["processing_class"] = tokenizer
+        train_args = params.get("args")
+        if train_args is None:
+            train_args = params["args"] = TrainingArguments(output_dir="tmp_trainer")
+        user_collator = params.get("data_collator")
+        if isinstance(train_args, TrainingArguments) and train_args.remove_unused_columns is None:
+            train_args.remove_unused_columns = user_collator is None
+        if train_args.should_save:
+            check_writable(train_args.output_dir, need_bytes=_checkpoint_bytes(params.get("model")))
+
+        self.step_stats = StepStats()
+        super().__init__(**params)
+
+        self.data_collator = LabelsAndTuplesCollator(self.data_collator, rows_to_dicts=user_collator is None,
+                                                     causal_lm=_is_causal_lm(self.model))
+        self._see_through_adapter_wrapper()
+        if self.pop_callback(transformers.trainer_callback.ProgressCallback) is not None:
+            self.add_callback(ProgressCallback(self.step_stats))
+        self.add_callback(MetricsLogger())
+        self.divergence_guard = DivergenceGuard(self.step_stats)
+        self.add_callback(self.divergence_guard)
+
+    def _see_through_adapter_wrapper(self) -> None:
+        """Take label names from the base model, as transformers does for peft's own PeftModel.
+
+        transformers recognises only ``peft.PeftModel``; for another wrapper whose forward is
+        ``(*args, **kwargs)`` it would find no label names and report no eval loss.
+        """
+        base = _adapter_base(self.model)
+        if base is None or unwrap_peft_model(self.model) is not self.model:
+            return
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(base))
+        self.can_return_loss = can_return_loss(type(base))
+
+    def _set_signature_columns_if_needed(self) -> None:
+        base = _adapter_base(self.model)
+        if self._signature_columns is None and base is not None:
+            self._signature_columns = list(inspect.signature(base.forward).parameters)
+            self._signature_columns += list({"label", "label_ids", *self.label_names})
+        super()._set_signature_columns_if_needed()
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
+        """transformers' ``train``; ``resume_from_checkpoint=True`` skips a half-written last checkpoint.
+
+        Raises :class:`TrainingDiverged` if the loss became NaN/inf (after the metrics are written).
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                               ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        guard = self.divergence_guard
+        if guard.diverged and guard in self.callback_handler.callbacks:
+            last = last_complete_checkpoint(self.args.output_dir)
+            raise TrainingDiverged(guard.message + f"; last good checkpoint: {last or 'none was saved'}")
+        return output
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        ids, labels = inputs.get("input_ids"), inputs.get("labels")
+        tokens = ids.numel() if isinstance(ids, torch.Tensor) else 0
+        useful = int((labels != -100).sum()) if isinstance(labels, torch.Tensor) else tokens
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_stats.record(float(loss), tokens, useful)
+        return loss
+
+    # ---- saving and loading adapters ---------------------------------------------------------
+
+    def _unwrapped_adapter_model(self, model: Any = None) -> Any | None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # sharded states: transformers' own path
+            return None
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        return model if _adapter_base(model) is not None else None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self._unwrapped_adapter_model()
+        if model is None or state_dict is not None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        logger.info(f"Saving adapter checkpoint to {output_dir}")
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        # JSON, not transformers' pickled training_args.bin: adaptune never unpickles.
+        atomic_write_text(Path(output_dir) / "training_args.json", self.args.to_json_string())
+
+    def _load_adapter_from(self, checkpoint: str, model: Any = None) -> bool:
+        model = self._unwrapped_adapter_model(model)
+        if model is None:
+            return False
+        name = _active_adapter(model)
+        folder = _adapter_folder(checkpoint, name)
+        if folder is None:
+            return False
+        logger.info(f"Loading adapter {name!r} from {folder}")
+        model.load_adapter(str(folder), adapter_name=name, is_trainable=True)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        if not self._load_adapter_from(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_adapter_from(self.state.best_model_checkpoint):
+            super()._load_best_model()

@@ -1,0 +1,357 @@
+"""adaptune.trainer / adaptune.callbacks: transformers' Trainer with adaptune's fallbacks and callbacks.
+
+The adapter models here are peft's own (``peft`` is a test dependency) as a stand-in with the
+same API; adaptune's PeftModel replaces it once model.py is settled (one test already uses it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+from transformers import TrainerCallback
+from transformers import trainer_callback as hf_callbacks
+
+from adaptune import trainer as trainer_module
+from adaptune.atomic import read_jsonl
+from adaptune.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, TrainingDiverged
+from adaptune.errors import ConfigError, DataError, EnvironmentProblem
+from adaptune.trainer import (
+    AdaptuneWarning,
+    LabelsAndTuplesCollator,
+    Trainer,
+    TrainingArguments,
+    last_complete_checkpoint,
+)
+from tests.tiny import tiny_gpt2
+
+ON_CPU_ONLY = trainer_module._accelerator_type() is None
+# For tests about something else than the fallback warnings themselves.
+quiet = pytest.mark.filterwarnings("ignore::adaptune.trainer.AdaptuneWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two cores shared by several test runs: torch's default two threads then spin against each
+    # other and a tiny GPT-2 step takes ~1 s instead of ~5 ms.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def peft_gpt2(lora_seed: int = 0):
+    """The same tiny GPT-2 base every time; ``lora_seed`` picks the LoRA A init.
+
+    peft's get_peft_model as a stand-in for adaptune's (same API, same files).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_gpt2(seed=0)
+    torch.manual_seed(lora_seed)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+
+
+def token_rows(n: int = 48, length: int = 16, seed: int = 0, pad_tail: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(7, 150, (n, length), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    if pad_tail:
+        input_ids[:, -pad_tail:] = 0
+        attention_mask[:, -pad_tail:] = 0
+    return input_ids, attention_mask
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def fallback_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, AdaptuneWarning)]
+
+
+# ---- the tutorial script -----------------------------------------------------------------------
+
+
+def test_tutorial_script_runs_and_says_each_fallback_once(tmp_path, tokenizer):
+    peft_model = peft_gpt2()
+    input_ids, attention_mask = token_rows(48)
+    before = lora_weights(peft_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # --- the classic script, imports changed to adaptune ---
+        training_args = TrainingArguments(output_dir=str(tmp_path / "results"), num_train_epochs=1,
+                                          per_device_train_batch_size=4, save_steps=10, logging_steps=10,
+                                          learning_rate=2e-4, fp16=True)
+        trainer = Trainer(model=peft_model, args=training_args,
+                          train_dataset=TensorDataset(input_ids, attention_mask), tokenizer=tokenizer)
+        output = trainer.train()
+        # ---
+    said = fallback_warnings(caught)
+    expected = ["processing_class", "tuples", "no labels"] + (["fp16=True"] if ON_CPU_ONLY else [])
+    for key in expected:
+        assert sum(key in m for m in said) == 1, (key, said)
+    assert len(said) == len(expected), said
+    if ON_CPU_ONLY:
+        assert not training_args.fp16 and not training_args.bf16
+
+    assert output.global_step == 12 and math.isfinite(output.training_loss)
+    after = lora_weights(peft_model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert trainer.processing_class is tokenizer
+
+    # tokens: every micro-batch counted; padding (3 of 16 per row) is not a useful token
+    assert trainer.step_stats.tokens == 12 * 4 * 16
+    assert trainer.step_stats.useful_tokens == 12 * 4 * 13
+
+    # checkpoints are adapter folders, not whole models
+    ckpt = tmp_path / "results" / "checkpoint-10"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json",
+            "tokenizer.json"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin", "training_args.bin"}
+
+    records = read_jsonl(tmp_path / "results" / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [10]
+    assert "train_loss" in records[-1]
+    assert (tmp_path / "results" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_callbacks_replace_transformers_progress_bar(tmp_path):
+    trainer = Trainer(model=peft_gpt2(), args=TrainingArguments(output_dir=str(tmp_path)))
+    kinds = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert hf_callbacks.ProgressCallback not in kinds
+    assert ProgressCallback in kinds and MetricsLogger in kinds and DivergenceGuard in kinds
+    assert trainer.args.report_to == [] or trainer.args.report_to in ("none", ["none"])
+
+
+@quiet
+def test_metrics_and_plot_with_eval_and_learning(tmp_path):
+    row = torch.arange(10, 26).repeat(32, 1)  # one sentence, learnable
+    ds = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in row]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4,
+                             logging_steps=1, eval_strategy="steps", eval_steps=6, save_strategy="no",
+                             learning_rate=5e-3)
+    Trainer(model=peft_gpt2(), args=args, train_dataset=ds, eval_dataset=ds[:8]).train()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert [r["step"] for r in records if "eval_loss" in r] == [6, 12]
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+# ---- fallbacks one by one ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("asked, device, native_bf16, expect", [
+    ("fp16", None, False, "fp32"),
+    ("bf16", None, False, "fp32"),
+    ("fp16", "cuda", True, "fp16"),   # fp16 works where bf16 does: kept as asked
+    ("bf16", "cuda", False, "fp16"),  # pre-Ampere GPU
+])
+def test_precision_fallback(tmp_path, monkeypatch, asked, device, native_bf16, expect):
+    monkeypatch.setattr(trainer_module, "_accelerator_type", lambda: device)
+    monkeypatch.setattr(trainer_module, "_native_bf16", lambda d: native_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = TrainingArguments(output_dir=str(tmp_path), **{asked: True})
+    assert (args.fp16, args.bf16) == (expect == "fp16", expect == "bf16")
+    said = fallback_warnings(caught)
+    assert len(said) == (0 if expect == asked else 1)
+    if said:
+        assert f"{asked}=True" in said[0] and f"uses {expect}" in said[0]
+        assert caught[0].filename == __file__  # points at the user's line
+
+
+def test_bf16_with_use_cpu_is_kept(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdaptuneWarning)
+        args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True)
+    assert args.bf16
+
+
+def test_tokenizer_and_processing_class_together_is_an_error(tmp_path, tokenizer):
+    with pytest.raises(ConfigError, match="once"):
+        Trainer(model=peft_gpt2(), args=TrainingArguments(output_dir=str(tmp_path)), tokenizer=tokenizer,
+                processing_class=tokenizer)
+
+
+def test_collator_tuples_labels_and_padding():
+    from transformers import default_data_collator
+
+    collate = LabelsAndTuplesCollator(default_data_collator)
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = collate([(ids[0], mask[0]), (ids[1], mask[1])])
+        collate([(ids[0], mask[0])])
+    assert torch.equal(batch["labels"], torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]]))
+    assert torch.equal(batch["input_ids"], ids)
+    assert len(fallback_warnings(caught)) == 2  # once each, not once per batch
+
+    given = torch.tensor([-100, 6, 7, -100])
+    batch = collate([(ids[0], mask[0], given)])
+    assert torch.equal(batch["labels"][0], given)
+
+    not_lm = LabelsAndTuplesCollator(default_data_collator, causal_lm=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdaptuneWarning)
+        assert "labels" not in not_lm([(ids[0], mask[0])])
+    with pytest.raises(DataError, match="tuples of 4 items"):
+        collate([(ids[0], mask[0], ids[0], ids[0])])
+
+
+@quiet
+def test_custom_collator_keeps_its_columns_default_collator_drops_strings(tmp_path, tokenizer):
+    seen = []
+
+    def my_collator(features):
+        seen.append(sorted(features[0]))
+        ids = torch.stack([f["input_ids"] for f in features])
+        return {"input_ids": ids, "labels": ids}
+
+    ids, mask = token_rows(4, pad_tail=0)
+    rows = [{"input_ids": i, "attention_mask": m, "prompt_len": 3, "text": "the king"} for i, m in zip(ids, mask)]
+    args = TrainingArguments(output_dir=str(tmp_path / "a"), max_steps=1, per_device_train_batch_size=4,
+                             save_strategy="no")
+    Trainer(model=peft_gpt2(), args=args, train_dataset=rows, data_collator=my_collator).train()
+    assert seen[0] == ["attention_mask", "input_ids", "prompt_len", "text"]
+    assert args.remove_unused_columns is False
+
+    args = TrainingArguments(output_dir=str(tmp_path / "b"), max_steps=1, per_device_train_batch_size=4,
+                             save_strategy="no")
+    Trainer(model=peft_gpt2(), args=args, train_dataset=rows, processing_class=tokenizer).train()
+    assert args.remove_unused_columns is True
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(EnvironmentProblem, match="cannot create output directory"):
+        Trainer(model=peft_gpt2(), args=TrainingArguments(output_dir=str(tmp_path / "a_file" / "out")))
+
+
+# ---- divergence --------------------------------------------------------------------------------
+
+
+@quiet
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+    model = peft_gpt2()
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # the 5th training batch gives a NaN loss
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 5 else output
+
+    model.get_base_model().lm_head.register_forward_hook(poison)
+    ids, mask = token_rows(40)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4,
+                             save_steps=2, logging_steps=1, learning_rate=1e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=TensorDataset(ids, mask))
+    with pytest.raises(TrainingDiverged, match=r"nan at step 5.*checkpoint-4"):
+        trainer.train()
+    assert calls["n"] == 5  # stopped right there
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert all(torch.isfinite(w).all() for w in lora_weights(model).values())  # the bad batch was not applied
+    assert (tmp_path / "loss.png").exists()
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert max(steps) == 5
+
+
+# ---- resume ------------------------------------------------------------------------------------
+
+
+class StopAt(TrainerCallback):
+    """Simulates a run killed right after the checkpoint at ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _resume_args(out: Path) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, save_steps=3,
+                             logging_steps=1, learning_rate=1e-2, seed=7, dataloader_drop_last=True)
+
+
+@quiet
+def test_resume_from_adapter_checkpoint_matches_uninterrupted_run(tmp_path):
+    ids, mask = token_rows(40)
+    data = TensorDataset(ids, mask)
+
+    full = peft_gpt2()
+    Trainer(model=full, args=_resume_args(tmp_path / "full"), train_dataset=data).train()
+
+    first = peft_gpt2()
+    Trainer(model=first, args=_resume_args(tmp_path / "cut"), train_dataset=data, callbacks=[StopAt(3)]).train()
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-3"]
+    torn = tmp_path / "cut" / "checkpoint-9"  # a checkpoint a kill interrupted: must be skipped
+    torn.mkdir()
+    (torn / "trainer_state.json").write_text('{"global_st')
+
+    resumed = peft_gpt2(lora_seed=1)  # other LoRA init: the adapter must come from the checkpoint
+    trainer = Trainer(model=resumed, args=_resume_args(tmp_path / "cut"), train_dataset=data)
+    trainer.train(resume_from_checkpoint=True)
+
+    a, b = lora_weights(full), lora_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert any(w.abs().sum() > 0 for k, w in b.items() if "lora_B" in k)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no duplicate records from the cut run
+
+
+def test_last_complete_checkpoint(tmp_path):
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, state in [(2, "{}"), (10, "{}"), (12, '{"glo'), (3, None)]:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-99.tmp").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+
+
+# ---- adaptune's own PeftModel ------------------------------------------------------------------
+
+
+@quiet
+def test_adaptune_peft_model_checkpoints_and_resumes(tmp_path):
+    """A wrapper transformers does not recognise, with forward(*args, **kwargs) (no task_type)."""
+    from adaptune import LoraConfig, get_peft_model
+
+    def make():
+        return get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))
+
+    ids, mask = token_rows(24)
+    ds = [{"input_ids": i, "attention_mask": m, "labels": i.masked_fill(m == 0, -100)} for i, m in zip(ids, mask)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, save_steps=2,
+                             eval_strategy="steps", eval_steps=2, logging_steps=2, learning_rate=1e-2)
+    model = make()
+    trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds[:4], callbacks=[StopAt(2)])
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval_loss" in r] == [2]
+    trained = lora_weights(model)
+
+    resumed = make()
+    trainer = Trainer(model=resumed, args=args, train_dataset=ds, eval_dataset=ds[:4])
+    loaded = []
+    trainer.add_callback(type("Peek", (TrainerCallback,), {
+        "on_train_begin": lambda self, a, s, c, model=None, **k: loaded.append(lora_weights(model))}))
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    for k in trained:
+        torch.testing.assert_close(loaded[0][k], trained[k], rtol=0, atol=0)
+    assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
