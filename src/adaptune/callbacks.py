@@ -191,11 +191,11 @@ class DivergenceGuard(TrainerCallback):
     def message(self) -> str:
         if not self.diverged:
             return ""
-        hint = "lower the learning rate" + (f" (it is {self._learning_rate:g})" if self._learning_rate else "")
+        hint = "a lower learning rate" + (f" than {self._learning_rate:g}" if self._learning_rate else "")
         if self._fp16:
-            hint += ", or train in bf16/fp32 instead of fp16"
+            hint += ", or bf16/fp32 instead of fp16"
         return (f"training diverged: the training loss became {self.bad_loss} at step {self.bad_step}; "
-                f"training stopped and no checkpoint was written after that step ({hint})")
+                f"training stopped and no checkpoint was written after that step; try {hint}")
 
     def _found(self, args, loss: float, step: int) -> None:
         self.bad_step, self.bad_loss = step, loss
