@@ -22,6 +22,7 @@ import torch
 from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterFileError
 from .lora import LoraLayer, check_shape
+from .targets import pattern_key
 
 PREFIX = "base_model.model."
 
@@ -72,27 +73,68 @@ def _full_b_from_slices(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
 
 
 def config_for_disk(tuner, adapter_name: str) -> LoraConfig:
-    """The config as peft should read it: fused slices become a wider plain LoRA."""
+    """The config as peft should read it: fused slices become a wider plain LoRA.
+
+    A sliced layer's rank and alpha go into rank_pattern / alpha_pattern: under the bare leaf
+    (``{"c_attn": 2r}``) when every sliced layer of that leaf agrees and no other key selects them,
+    else one full module name per layer. Readers take the first matching key in file order (keys
+    are sorted on disk), so a leaf key next to per-layer keys would shadow them.
+    """
     config: LoraConfig = tuner.peft_config[adapter_name]
     fused: dict[str, list[str]] = {}
+    adapted: dict[str, int] = {}  # adapted layer -> slice count (1: not sliced)
+    specs = {}
     for name, layer in tuner.lora_layers():
         spec = layer.specs.get(adapter_name)
-        if spec is not None and spec.slices:
+        if spec is None:
+            continue
+        specs[name] = spec
+        adapted[name] = len(spec.slices) if spec.slices else 1
+        if spec.slices:
             leaf = name.rsplit(".", 1)[-1]
             fused[leaf] = list(_slice_names_of(tuner, leaf, spec.slices, layer.out_features))
     if not fused:
         return config
+    sliced = [n for n, k in adapted.items() if k > 1]
     targets = [t for t in _as_list(config.target_modules) if not any(t in s for s in fused.values())]
-    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
-    for leaf, names in fused.items():
-        k = len(names)
-        r = rank_pattern.get(leaf, config.r)
-        alpha = alpha_pattern.get(leaf, config.lora_alpha)
-        rank_pattern[leaf] = r * k
-        alpha_pattern[leaf] = alpha * (math.sqrt(k) if config.use_rslora else k)
-        targets.append(leaf)
-    return replace(config, target_modules=sorted(set(targets)), rank_pattern=rank_pattern,
-                   alpha_pattern=alpha_pattern, fused_slices=fused)
+    targets += list(fused)
+    disk_value = {
+        "rank_pattern": lambda n: specs[n].r * adapted[n],
+        "alpha_pattern": lambda n: specs[n].alpha * (math.sqrt(adapted[n]) if config.use_rslora else adapted[n]),
+    }
+    patterns = {}
+    for field_name, value_of in disk_value.items():
+        pattern = dict(getattr(config, field_name))
+        for key in list(pattern):  # keys that select only sliced layers are rewritten below
+            hits = [n for n in adapted if pattern_key([key], n)]
+            if hits and all(adapted[n] > 1 for n in hits):
+                del pattern[key]
+        for leaf in fused:
+            group = [n for n in sliced if n.rsplit(".", 1)[-1] == leaf]
+            values = {value_of(n) for n in group}
+            if len(values) == 1 and not any(pattern_key(pattern, n) for n in group):
+                pattern[leaf] = values.pop()
+            else:
+                pattern.update({n: value_of(n) for n in group})
+        patterns[field_name] = pattern
+    disk = replace(config, target_modules=sorted(set(targets)), fused_slices=fused, **patterns)
+    _warn_if_patterns_misread(disk, adapted, disk_value)
+    return disk
+
+
+def _warn_if_patterns_misread(disk: LoraConfig, adapted: dict[str, int], disk_value) -> None:
+    """peft reads the first matching key in sorted order; say so if that gives other ranks."""
+    defaults = {"rank_pattern": disk.r, "alpha_pattern": disk.lora_alpha}
+    for field_name, value_of in disk_value.items():
+        pattern = getattr(disk, field_name)
+        for name in adapted:
+            key = pattern_key(sorted(pattern), name)
+            read = pattern[key] if key is not None else defaults[field_name]
+            if not math.isclose(read, value_of(name)):
+                warnings.warn(f"{name}: peft will read {field_name.split('_')[0]} {read} from this adapter's "
+                              f"{field_name} instead of {value_of(name)}; the file loads in adaptune but "
+                              f"not as the same adapter in peft (use distinct rank_pattern keys)", stacklevel=4)
+                return
 
 
 def config_from_disk(config: LoraConfig) -> LoraConfig:
@@ -105,14 +147,13 @@ def config_from_disk(config: LoraConfig) -> LoraConfig:
         k = len(names)
         targets.discard(leaf)
         targets.update(names)
-        if leaf in rank_pattern:
-            r = rank_pattern.pop(leaf) // k
-            if r != config.r:
-                rank_pattern[leaf] = r
-        if leaf in alpha_pattern:
-            alpha = alpha_pattern.pop(leaf) / (math.sqrt(k) if config.use_rslora else k)
-            if not math.isclose(alpha, config.lora_alpha):
-                alpha_pattern[leaf] = alpha
+        ours = [key for key in rank_pattern if key == leaf or key.endswith("." + leaf)]
+        rank_pattern = {key: (r // k if key in ours else r) for key, r in rank_pattern.items()
+                        if not (key == leaf and r // k == config.r)}
+        ours = [key for key in alpha_pattern if key == leaf or key.endswith("." + leaf)]
+        div = math.sqrt(k) if config.use_rslora else k
+        alpha_pattern = {key: (a / div if key in ours else a) for key, a in alpha_pattern.items()
+                         if not (key == leaf and math.isclose(a / div, config.lora_alpha))}
     return replace(config, target_modules=sorted(targets), rank_pattern=rank_pattern,
                    alpha_pattern=alpha_pattern, fused_slices=None)
 
@@ -141,7 +182,8 @@ def load_lora_state_dict(tuner, adapter_name: str, tensors: dict[str, torch.Tens
         raise AdapterFileError(
             f"{source}: {len(lora_missing)} adapter tensors this model needs are missing, e.g. "
             f"{lora_missing[0]} (was the adapter made for another base model or target_modules?)")
-    unexpected = [k for k in tensors if k not in expected]
+    extra = _peft_extra_keys(tuner, adapter_name)
+    unexpected = [k for k in tensors if k not in expected and k not in extra]
     if unexpected:
         raise AdapterFileError(
             f"{source}: {len(unexpected)} tensors do not belong to any adapted layer of this model, e.g. "
@@ -163,6 +205,30 @@ def load_lora_state_dict(tuner, adapter_name: str, tensors: dict[str, torch.Tens
             if key is not None and key in tensors and "lora_" not in key:
                 check_shape(pname, key, p.shape, tensors[key].shape)
                 p.copy_(tensors[key].to(p.dtype))
+        for key, p in extra.items():
+            if p is not None and key in tensors:
+                check_shape(key[len(PREFIX):].rsplit(".", 1)[0], key, p.shape, tensors[key].shape)
+                p.copy_(tensors[key].to(p.dtype))
+
+
+def _peft_extra_keys(tuner, adapter_name: str) -> dict[str, torch.nn.Parameter | None]:
+    """Keys peft may write that adaptune does not: key -> the parameter to load it into (None: skip).
+
+    * ``<layer>.base_layer.weight``: peft's ``save_embedding_layers="auto"`` stores the whole base
+      weight of an adapted ``embed_tokens`` / ``lm_head`` (for resized vocabularies); peft loads it.
+    * ``<head>.original_module.<p>`` and ``<head>.modules_to_save.<p>``: with ``bias="all"`` peft also
+      writes the original head's bias (which it loads) and a duplicate of the saved copy's (ignored).
+    """
+    out: dict[str, torch.nn.Parameter | None] = {}
+    for name, layer in tuner.lora_layers():
+        if adapter_name in layer.specs and layer.kind in ("linear", "conv1d", "embedding"):
+            out[f"{PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight
+    for name, wrapper in tuner.save_wrappers():
+        if adapter_name in wrapper.modules_to_save:
+            for pname, p in wrapper.original_module.named_parameters():
+                out[f"{PREFIX}{name}.original_module.{pname}"] = p
+                out[f"{PREFIX}{name}.modules_to_save.{pname}"] = None
+    return out
 
 
 def _disk_key_for_param(pname: str, adapter_name: str) -> str | None:

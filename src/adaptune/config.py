@@ -202,6 +202,14 @@ class LoraConfig(PeftConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if out.get("fused_slices") is None:
+            # adaptune's own field, written only when used: peft warns about every unknown key
+            # ("saved using a higher version... upgrade PEFT"), which would be noise for plain adapters
+            del out["fused_slices"]
+        return out
+
 
 @dataclass
 class PromptLearningConfig(PeftConfig):

@@ -17,7 +17,7 @@ from torch import nn
 from .config import LoraConfig, TaskType
 from .errors import ConfigError
 from .lora import AdapterSpec, LoraLayer, ModulesToSaveWrapper
-from .targets import FUSED_SLICES, Target, model_type, pattern_key, resolve_targets
+from .targets import DEFAULT_TARGETS, FUSED_SLICES, Target, model_type, pattern_key, resolve_targets
 
 # Classifier heads that task types train in full and save with the adapter (peft's lists).
 TASK_HEADS: dict[TaskType, tuple[str, ...]] = {
@@ -82,6 +82,9 @@ class LoraModel(nn.Module):
         save_names = self._modules_to_save(config)
         if save_names != list(config.modules_to_save or []):
             config = replace(config, modules_to_save=save_names)
+        if config.target_modules is None and model_type(self.model) in DEFAULT_TARGETS:
+            # written out as peft does, so a reader needs no per-architecture table of its own
+            config = replace(config, target_modules=list(DEFAULT_TARGETS[model_type(self.model)]))
         targets = resolve_targets(
             self.model, config.target_modules, config.exclude_modules, config.layers_to_transform,
             config.layers_pattern, skip=save_names,
