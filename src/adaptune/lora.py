@@ -231,6 +231,8 @@ class LoraLayer(nn.Module):
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """Undo merges in reverse order; exact up to float rounding."""
         names = list(names) if names is not None else list(self.merged_adapters)
+        if not any(n in names for n in self.merged_adapters):
+            return  # nothing to undo (and a quantized base, which never merges in place, is left alone)
         weight = self.base_weight().detach().clone()
         for name in reversed([n for n in self.merged_adapters if n in names]):
             delta = self.delta_weight(name).detach().to(weight.dtype)

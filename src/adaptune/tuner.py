@@ -35,6 +35,11 @@ def _get_parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 class LoraModel(nn.Module):
     """The wrapped transformers model (``self.model``) with LoRA layers injected."""
 
+    # transformers' flag for "trainable adapters are attached": its Trainer refuses to fine-tune a
+    # quantized model (QLoRA) without it unless peft's own PeftModel class is used. PeftModel
+    # passes unknown attributes through to this object, so trainer.validate sees it there.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.model = model
@@ -101,6 +106,10 @@ class LoraModel(nn.Module):
         self._wrap_modules_to_save(save_names, adapter_name)
         self.peft_config[adapter_name] = config
         self._set_trainable()
+        if any(layer.kind == "linear4bit" for _, layer in self.lora_layers()):
+            from .quant import keep_trainable_layout
+
+            keep_trainable_layout(self.model)  # see quant.py: bitsandbytes' CPU eval re-packing
 
     def _note_fan_in_fan_out(self, config: LoraConfig, targets: Sequence[Target]) -> None:
         kinds = {type(self.model.get_submodule(t.name)).__name__ for t in targets}
@@ -223,7 +232,14 @@ class LoraModel(nn.Module):
         return self.model
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        return self._replace_wrappers(True, safe_merge, adapter_names)
+        """A quantized (bitsandbytes) base comes back fully dequantized: a plain float model."""
+        model = self._replace_wrappers(True, safe_merge, adapter_names)
+        from .quant import dequantize_model, has_quantized_layers
+
+        if has_quantized_layers(model) or getattr(model, "is_loaded_in_4bit", False) \
+                or getattr(model, "is_loaded_in_8bit", False):
+            dequantize_model(model)
+        return model
 
     def unload(self) -> nn.Module:
         return self._replace_wrappers(False, False, None)
