@@ -1,0 +1,312 @@
+"""``adaptune train | generate | eval | merge | inspect``.
+
+Each sub-command is a thin layer over the library: parse flags, call one function, print. Any
+``AdaptuneError`` (bad file, bad config, bad data...) is printed as one line, exit code 2, and no
+traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import AdaptuneError
+
+EXIT_USER_ERROR = 2
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _add_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _load_for_inference(model_name: str | None, adapter: str | None, allow_pickle: bool = False):
+    """Base (+ adapter) ready for generation or evaluation; the base defaults to the adapter's."""
+    from .config import PeftConfig
+    from .model import PeftModel
+    from .models import load_model_and_tokenizer
+
+    if adapter and model_name is None:
+        model_name = _adapter_base_name(adapter)
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter, allow_pickle=allow_pickle)
+    model.eval()
+    return model, tokenizer
+
+
+def _adapter_base_name(adapter: str) -> str | None:
+    """The base an adapter was trained on, when it is a usable name (else the default model)."""
+    from .config import PeftConfig
+
+    name = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    if not name or name.startswith("SmolLM2-135M-Instruct (embedded"):
+        return None
+    return name
+
+
+# ---- train -------------------------------------------------------------------------------------
+def _train_parser(sub) -> None:
+    from .recipe import METHODS, TrainJob
+
+    d = TrainJob()
+    p = sub.add_parser("train", help="fine-tune a model (default: SmolLM2-135M on Shakespeare)",
+                       description="Fine-tune with LoRA (or another method) and save a peft-format adapter.")
+    p.add_argument("--config", help="YAML file with the same option names; flags given here win")
+    _add_model_flag(p)
+    p.add_argument("--data", help="text or jsonl file (text, prompt/completion, messages, alpaca); "
+                                  "default: the embedded Shakespeare")
+    p.add_argument("--output", help=f"output folder (default {d.output})")
+    p.add_argument("--method", choices=METHODS, help=f"default {d.method}")
+    p.add_argument("--r", type=int, help=f"LoRA rank (default {d.r})")
+    p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {d.alpha})")
+    p.add_argument("--dropout", type=float, help=f"LoRA dropout (default {d.dropout})")
+    p.add_argument("--targets", help="comma-separated layer names, a regex, or all-linear "
+                                     "(default: the architecture's; see `adaptune inspect`)")
+    p.add_argument("--quantize", choices=("nf4", "fp4", "int8"), help="load the base quantized (bitsandbytes)")
+    p.add_argument("--virtual-tokens", type=int, help=f"prompt/prefix methods (default {d.virtual_tokens})")
+    p.add_argument("--epochs", type=float, help=f"used when --max-steps is 0 (default {d.epochs})")
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps; 0 = by epochs (default {d.max_steps})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    p.add_argument("--batch-size", type=int, help=f"per device (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, help=f"gradient accumulation steps (default {d.grad_accum})")
+    p.add_argument("--max-length", type=int, help=f"tokens per block/example (default {d.max_length})")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack short examples into full blocks (default on)")
+    p.add_argument("--train-on-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="loss on prompts too, not only answers (default off)")
+    p.add_argument("--val-fraction", type=float, help=f"validation share (default {d.val_fraction})")
+    p.add_argument("--max-examples", type=int, help="use only the first N examples")
+    p.add_argument("--eval-every", type=int, help="validation loss every N steps (default: before/after only)")
+    p.add_argument("--save-every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: by hardware)")
+    p.set_defaults(func=cmd_train)
+
+
+def job_from_args(args: argparse.Namespace):
+    from .recipe import TrainJob
+
+    fields = {f.name for f in dataclasses.fields(TrainJob)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None and v is not False}
+    if args.resume:
+        given["resume"] = True
+    return TrainJob.from_yaml(args.config, **given) if args.config else TrainJob(**given)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .recipe import run_train
+
+    run_train(job_from_args(args))
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a base model or an adapter")
+    _add_model_flag(p)
+    p.add_argument("--adapter", help="adapter folder (peft format); the base defaults to the one it was trained on")
+    p.add_argument("--prompt", default="Write a few lines in the style of Shakespeare about the sea.")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the chat template (default: when the tokenizer has one)")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import generate_text
+
+    model, tokenizer = _load_for_inference(args.model, args.adapter)
+    generate_text(model, tokenizer, args.prompt, chat=args.chat, stream=True, max_new_tokens=args.max_new_tokens,
+                  do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                  seed=args.seed)
+    return 0
+
+
+# ---- eval --------------------------------------------------------------------------------------
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model or adapter on a data file")
+    _add_model_flag(p)
+    p.add_argument("--adapter", help="adapter folder")
+    p.add_argument("--data", help="text or jsonl file (default: the embedded Shakespeare)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-examples", type=int, default=64, help="evaluate the first N blocks/examples (0 = all)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import DataCollator, default_data_path, load_examples, pad_token_id_for
+    from .evaluation import perplexity
+
+    model, tokenizer = _load_for_inference(args.model, args.adapter)
+    examples, report = load_examples(args.data or default_data_path(), tokenizer, args.max_length)
+    if args.max_examples:
+        examples = examples[:args.max_examples]
+    features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    ppl = perplexity(model, features, DataCollator(pad_token_id_for(tokenizer), packing=False), args.batch_size)
+    print(f"perplexity: {ppl:.3f} ({len(features)} examples of {report.path})")
+    return 0
+
+
+# ---- merge -------------------------------------------------------------------------------------
+def _merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain transformers folder")
+    _add_model_flag(p)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--output", required=True, help="folder to write (loads with AutoModelForCausalLM, no adaptune)")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .atomic import atomic_directory, check_writable
+
+    check_writable(Path(args.output).parent if Path(args.output).parent != Path("") else Path("."))
+    model, tokenizer = _load_for_inference(args.model, args.adapter)
+    merged = model.merge_and_unload(safe_merge=True)
+    config = getattr(merged, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        # GGUF / bitsandbytes bases are written as plain full-precision weights
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    with atomic_directory(args.output) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"merged model written to {args.output}")
+    return 0
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="list a model's adaptable layers, default targets and parameter counts")
+    p.add_argument("model", nargs="?", default=None, help="hub id, local folder or .gguf (default: embedded model)")
+    p.add_argument("--r", type=int, default=8, help="rank for the trainable-parameter count")
+    p.add_argument("--targets", default=None, help="comma-separated names, a regex, or all-linear")
+    p.add_argument("--memory", action="store_true", help="estimate training memory (full / LoRA / QLoRA)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.set_defaults(func=cmd_inspect)
+
+
+def meta_model(name: str | None):
+    """The model's architecture on the meta device: no weights are read or downloaded."""
+    import torch
+
+    from .models import auto_class_for_task, load_config
+
+    config = load_config(name)
+    with torch.device("meta"):
+        return auto_class_for_task("CAUSAL_LM").from_config(config)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .targets import DEFAULT_TARGETS, FUSED_SLICES, describe_adaptable, model_type, resolve_targets
+
+    model = meta_model(args.model)
+    mtype = model_type(model)
+    print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'} ({type(model).__name__}, type {mtype})")
+    rows = describe_adaptable(model)
+    print(f"\n{'layer name pattern':<48} {'type':<10} {'in':>6} {'out':>6} {'count':>5}")
+    for row in rows:
+        print(f"{row['pattern']:<48} {row['kind']:<10} {row['in']:>6} {row['out']:>6} {row['count']:>5}")
+    print(f"\ndefault targets: {DEFAULT_TARGETS.get(mtype, 'none (pass --targets)')}")
+    for fused, names in FUSED_SLICES.get(mtype or "", {}).items():
+        print(f"fused slices of {fused}: {', '.join(names)} (e.g. --targets {names[0]},{names[-1]})")
+    targets = _parse_targets(args.targets)
+    chosen = resolve_targets(model, targets if targets is not None else None)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = 0
+    for t in chosen:
+        module = model.get_submodule(t.name)
+        from .targets import in_out_features
+
+        fin, fout = in_out_features(module)
+        if t.slices:
+            trainable += len(t.slices) * args.r * (fin + (t.slices[0][1] - t.slices[0][0]))
+        else:
+            trainable += args.r * (fin + fout)
+    label = args.targets or "default targets"
+    print(f"LoRA r={args.r} on {label}: {len(chosen)} layers, trainable params: {trainable:,d} "
+          f"|| all params: {total + trainable:,d} || trainable%: {100 * trainable / (total + trainable):.4f}")
+    if args.memory:
+        from .memory import estimate_training_memory, format_estimates
+
+        kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, r=args.r)
+        if targets is not None:
+            kw["target_modules"] = targets
+        estimates = [estimate_training_memory(model.config, m, **kw) for m in ("full", "lora", "qlora")]
+        print(f"\nestimated training memory (batch {args.batch_size} x {args.seq_len} tokens, AdamW):")
+        print(format_estimates(estimates))
+    return 0
+
+
+def _parse_targets(value: str | None) -> Any:
+    if value is None:
+        return None
+    if value == "all-linear" or any(c in value for c in "*()[]|\\^$?+"):
+        return value
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+# ---- entry point -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptune", description="Parameter-efficient fine-tuning with peft-compatible adapters.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _generate_parser(sub)
+    _eval_parser(sub)
+    _merge_parser(sub)
+    _inspect_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not debug:
+        # bitsandbytes (imported by transformers when installed) warns about an optional hub kernel
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except AdaptuneError as exc:
+        if debug:
+            raise
+        print(f"adaptune: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("adaptune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

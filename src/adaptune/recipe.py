@@ -1,0 +1,264 @@
+"""The fine-tuning job behind ``adaptune train``: model -> adapter -> data -> Trainer -> adapter folder.
+
+One dataclass (``TrainJob``) holds every choice, so the CLI flags, a YAML file and Python callers
+share one meaning and one set of defaults. The defaults are sized for the main job: the embedded
+SmolLM2-135M-Instruct on the embedded Shakespeare, a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import ConfigError, DataError
+
+METHODS = ("lora", "dora", "qlora", "prompt-tuning", "p-tuning", "prefix-tuning", "full")
+SAMPLE_PROMPT = "Write a few lines in the style of Shakespeare about a king who cannot sleep."
+
+
+@dataclass
+class TrainJob:
+    """Everything ``adaptune train`` needs; field names are the CLI flags with ``-`` for ``_``."""
+
+    model: str | None = None  # hub id, local folder, .gguf file; None = embedded SmolLM2-135M
+    data: str | None = None  # text / jsonl file; None = embedded Shakespeare
+    output: str = "runs/adapter"
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] | str | None = None  # None: the architecture's default (q_proj, v_proj...)
+    quantize: str | None = None  # nf4 | fp4 | int8
+    virtual_tokens: int = 20
+    epochs: float = 1.0
+    max_steps: int = 60
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 128
+    packing: bool = True
+    train_on_prompt: bool = False
+    val_fraction: float = 0.02
+    max_examples: int | None = None
+    eval_every: int = 0  # steps; 0 = only before and after
+    save_every: int = 20
+    seed: int = 0
+    resume: bool = False
+    gradient_checkpointing: bool = False
+    sample_prompt: str = SAMPLE_PROMPT
+    sample_tokens: int = 48
+    dtype: str | None = None
+    logging_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("r", "batch_size", "grad_accum", "max_length", "virtual_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if isinstance(self.targets, str) and self.targets not in ("all-linear",) and "," in self.targets:
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainJob":
+        """A YAML mapping of the same field names; command-line overrides win."""
+        import yaml
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{p}: cannot read YAML config ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the YAML config must be a mapping of option names to values")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{p}: unknown options {', '.join(unknown)}")
+        data.update(overrides)
+        return cls(**data)
+
+
+def adapter_config_for(job: TrainJob, model: torch.nn.Module):
+    """The peft-style config the method asks for (None for full fine-tuning)."""
+    from .config import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    if job.method in ("lora", "dora", "qlora"):
+        return LoraConfig(r=job.r, lora_alpha=job.alpha, lora_dropout=job.dropout, target_modules=job.targets,
+                          use_dora=job.method == "dora", task_type=TaskType.CAUSAL_LM)
+    if job.method == "prompt-tuning":
+        return PromptTuningConfig(num_virtual_tokens=job.virtual_tokens, task_type=TaskType.CAUSAL_LM)
+    if job.method == "p-tuning":
+        return PromptEncoderConfig(num_virtual_tokens=job.virtual_tokens, task_type=TaskType.CAUSAL_LM,
+                                   encoder_hidden_size=128)
+    if job.method == "prefix-tuning":
+        return PrefixTuningConfig(num_virtual_tokens=job.virtual_tokens, task_type=TaskType.CAUSAL_LM)
+    return None
+
+
+def load_base(job: TrainJob):
+    """Base model + tokenizer, quantized when the method or --quantize asks for it."""
+    from .models import load_model_and_tokenizer
+
+    quantize = job.quantize or ("nf4" if job.method == "qlora" else None)
+    kwargs: dict[str, Any] = {"dtype": job.dtype}
+    if quantize:
+        from .quant import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quantize)
+    model, tokenizer = load_model_and_tokenizer(job.model, **kwargs)
+    if quantize:
+        from .quant import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.gradient_checkpointing)
+    return model, tokenizer
+
+
+def wrap_model(job: TrainJob, model: torch.nn.Module):
+    """Apply the method: a PeftModel for adapters, the model itself (all trainable) for ``full``."""
+    from .model import get_peft_model
+
+    config = adapter_config_for(job, model)
+    if config is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    return get_peft_model(model, config)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _model_card(job: TrainJob, result: dict) -> str:
+    command = "adaptune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "adaptune train"
+    return "\n".join([
+        "---", "library_name: adaptune", f"base_model: {job.model or 'SmolLM2-135M-Instruct (embedded GGUF)'}",
+        "tags: [peft, adaptune, " + job.method + "]", "---", "",
+        f"# {job.method} adapter trained with adaptune", "",
+        "Trained with:", "", "```", command, "```", "",
+        f"Data: `{job.data or 'embedded Shakespeare'}`; {result.get('train_blocks')} training blocks of up to "
+        f"{job.max_length} tokens; {result.get('steps')} steps.", "",
+        f"Validation perplexity: {result.get('ppl_before', float('nan')):.2f} before, "
+        f"{result.get('ppl_after', float('nan')):.2f} after.", "",
+        "Load with `adaptune generate --adapter <this folder>`, or in Python with "
+        "`adaptune.PeftModel.from_pretrained(base, folder)` (peft reads it too).", "",
+        "Full settings:", "", "```json", json.dumps(dataclasses.asdict(job), indent=2, default=str), "```", "",
+    ])
+
+
+def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
+    """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
+    from .atomic import atomic_write_json, atomic_write_text, check_writable
+    from .data import DataCollator, build_datasets, default_data_path, pad_token_id_for, supports_packing
+    from .evaluation import perplexity
+    from .generation import generate_text
+    from .trainer import Trainer, TrainingArguments
+
+    started = time.time()
+    out = Path(job.output)
+    check_writable(out, need_bytes=50 * 2**20)
+    data_path = job.data or str(default_data_path())
+    if not Path(data_path).is_file():  # before the (slow) model load
+        raise DataError(f"{data_path}: no such data file")
+    torch.manual_seed(job.seed)
+    say(f"loading {job.model or 'SmolLM2-135M-Instruct (embedded)'} ...")
+    model, tokenizer = load_base(job)
+    packing = job.packing and supports_packing(model)
+    if job.packing and not packing:
+        say("note: this model does not keep packed examples apart; training without packing")
+    train, val, report = build_datasets(data_path, tokenizer, max_length=job.max_length, packing=packing,
+                                        val_fraction=job.val_fraction, seed=job.seed, max_examples=job.max_examples,
+                                        train_on_prompt=job.train_on_prompt)
+    say(f"data: {report.summary()}")
+    collator = DataCollator(pad_token_id_for(tokenizer), packing=packing)
+    result: dict[str, Any] = {"train_blocks": len(train), "val_blocks": len(val)}
+    is_main = int(os.environ.get("RANK", "0")) == 0
+
+    if is_main and not job.resume:
+        result["sample_before"] = generate_text(model, tokenizer, job.sample_prompt, max_new_tokens=job.sample_tokens,
+                                                seed=job.seed)
+        say(f"sample before: {result['sample_before']!r}")
+    peft_model = wrap_model(job, model)
+    if hasattr(peft_model, "print_trainable_parameters"):
+        peft_model.print_trainable_parameters()
+    if val and is_main:
+        with _adapter_off(peft_model):
+            result["ppl_before"] = perplexity(peft_model, val, collator, batch_size=job.batch_size)
+        say(f"validation perplexity before: {result['ppl_before']:.2f}")
+
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=job.max_steps if job.max_steps > 0 else -1, num_train_epochs=job.epochs,
+        per_device_train_batch_size=job.batch_size, per_device_eval_batch_size=job.batch_size,
+        gradient_accumulation_steps=job.grad_accum, learning_rate=job.lr, lr_scheduler_type="cosine",
+        warmup_steps=min(10, max(job.max_steps // 10, 1)) if job.max_steps > 0 else 10,
+        logging_steps=job.logging_steps, save_steps=job.save_every, save_total_limit=2,
+        eval_strategy="steps" if job.eval_every and val else "no", eval_steps=job.eval_every or None,
+        seed=job.seed, data_seed=job.seed, gradient_checkpointing=job.gradient_checkpointing,
+        remove_unused_columns=False, report_to="none", dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train, eval_dataset=val or None,
+                      data_collator=collator, processing_class=tokenizer)
+    train_out = trainer.train(resume_from_checkpoint=True if job.resume and _has_checkpoint(out) else None)
+    result["steps"] = train_out.global_step
+    result["train_loss"] = train_out.training_loss
+    if is_main:
+        _save_final(peft_model, tokenizer, out)
+        if val:
+            result["ppl_after"] = perplexity(peft_model, val, collator, batch_size=job.batch_size)
+            say(f"validation perplexity after: {result['ppl_after']:.2f}"
+                + (f" (before: {result['ppl_before']:.2f})" if "ppl_before" in result else ""))
+        result["sample_after"] = generate_text(peft_model, tokenizer, job.sample_prompt,
+                                               max_new_tokens=job.sample_tokens, seed=job.seed)
+        say(f"sample after: {result['sample_after']!r}")
+        result["seconds"] = round(time.time() - started, 1)
+        atomic_write_text(out / "README.md", _model_card(job, result))
+        atomic_write_json(out / "train_result.json", result)
+        say(f"adapter saved to {out} ({result['seconds']:.0f} s); loss plot: {out / 'loss.png'}")
+    return result
+
+
+def _has_checkpoint(out: Path) -> bool:
+    from .trainer import last_complete_checkpoint
+
+    return last_complete_checkpoint(out) is not None
+
+
+class _adapter_off:
+    """Context: the base model's behaviour (adapter disabled), or nothing for full fine-tuning."""
+
+    def __init__(self, model: Any) -> None:
+        self.ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
+def _save_final(model: Any, tokenizer: Any, out: Path) -> None:
+    """The adapter (or, for full fine-tuning, the whole model) and the tokenizer, each atomically."""
+    from .atomic import atomic_directory
+
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(out)
+        return
+    with atomic_directory(out / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

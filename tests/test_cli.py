@@ -1,0 +1,126 @@
+"""The CLI end to end on a tiny local model: train, generate, eval, merge, inspect, and bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adaptune.cli import main
+from tests.tiny import WORDS, make_tokenizer, tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tinyllama")
+    tiny_llama().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "words.txt"
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(200)]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    code = main(["train", "--model", str(model_dir), "--data", str(text_file), "--output", str(out),
+                 "--max-steps", "6", "--save-every", "3", "--max-length", "32", "--batch-size", "4", "--lr", "0.01"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_peft_adapter_metrics_plot_and_card(trained):
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    tensors = load_file(trained / "adapter_model.safetensors")
+    assert tensors and all(k.startswith("base_model.model.") for k in tensors)
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k), "training must move lora_B"
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records)
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (trained / "README.md").read_text()
+    assert "train" in card and "perplexity" in card.lower()
+    result = json.loads((trained / "train_result.json").read_text())
+    assert result["steps"] == 6 and result["ppl_after"] > 0
+
+
+def test_generate_and_eval_with_adapter(trained, model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(trained), "--prompt", "the king",
+                 "--max-new-tokens", "5", "--greedy", "--no-chat"]) == 0
+    assert capsys.readouterr().out.strip(), "generate must print tokens"
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(trained), "--max-examples", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("perplexity: ") and float(out.split()[1]) > 1
+
+
+def test_merge_writes_plain_transformers_folder(trained, model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from adaptune import PeftModel
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(trained), "--output", str(merged_dir)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), trained)
+    ids = torch.tensor([[5, 9, 17, 33, 41]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, adapted(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert not any("lora" in k for k in plain.state_dict())
+
+
+def test_resume_continues_to_the_same_adapter(model_dir, text_file, tmp_path):
+    common = ["train", "--model", str(model_dir), "--data", str(text_file), "--max-length", "32",
+              "--batch-size", "4", "--lr", "0.01", "--save-every", "3", "--dropout", "0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(common + ["--output", str(full), "--max-steps", "6"]) == 0
+    assert main(common + ["--output", str(part), "--max-steps", "6", "--save-every", "3"]) == 0
+    # simulate a kill after step 3: drop the final adapter and the later checkpoint, then resume
+    import shutil
+
+    shutil.rmtree(part / "checkpoint-6")
+    (part / "adapter_model.safetensors").unlink()
+    assert main(common + ["--output", str(part), "--max-steps", "6", "--resume"]) == 0
+    a, b = load_file(full / "adapter_model.safetensors"), load_file(part / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_inspect_lists_layers_defaults_and_counts(model_dir, capsys):
+    assert main(["inspect", str(model_dir), "--r", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.*.self_attn.q_proj" in out and "default targets: ['q_proj', 'v_proj']" in out
+    # 2 layers x (q: 4*(32+32) + v: 4*(32+16)) for hidden 32, 2 kv heads of 8 dims
+    assert "trainable params: 896" in out
+
+
+def test_inspect_gpt2_mentions_fused_slices(tmp_path, capsys):
+    tiny_gpt2().save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--targets", "q_attn,v_attn", "--r", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fused slices of c_attn" in out and "2 layers" in out
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["train", "--r", "0"], "--r must be a positive integer"),
+    (["train", "--data", "/nonexistent/file.txt", "--model", "MODEL"], "file.txt"),
+    (["generate", "--adapter", "/nonexistent/adapter"], "/nonexistent/adapter"),
+    (["inspect", "MODEL", "--targets", "q_prj"], "did you mean"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(argv, text, model_dir, capsys):
+    argv = [str(model_dir) if a == "MODEL" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # (transformers may draw a weight-loading bar first)
+    assert last.startswith("adaptune: error:") and text in last
+    assert "Traceback" not in err
