@@ -194,6 +194,8 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
         result["sample_before"] = generate_text(model, tokenizer, job.sample_prompt, max_new_tokens=job.sample_tokens,
                                                 seed=job.seed)
         say(f"sample before: {result['sample_before']!r}")
+    # the adapter's random init must not depend on what ran before it (no sample on --resume)
+    torch.manual_seed(job.seed)
     peft_model = wrap_model(job, model)
     if hasattr(peft_model, "print_trainable_parameters"):
         peft_model.print_trainable_parameters()
@@ -211,12 +213,30 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
         eval_strategy="steps" if job.eval_every and val else "no", eval_steps=job.eval_every or None,
         seed=job.seed, data_seed=job.seed, gradient_checkpointing=job.gradient_checkpointing,
         remove_unused_columns=False, report_to="none", dataloader_num_workers=0,
+        disable_tqdm=False,  # transformers hides the bar when its log level is above WARN (the CLI's default)
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=train, eval_dataset=val or None,
                       data_collator=collator, processing_class=tokenizer)
-    train_out = trainer.train(resume_from_checkpoint=True if job.resume and _has_checkpoint(out) else None)
-    result["steps"] = train_out.global_step
-    result["train_loss"] = train_out.training_loss
+    checkpoint = _last_checkpoint(out) if job.resume else None
+    if job.resume and checkpoint is None:
+        say(f"--resume: no complete checkpoint in {out}; training from the start")
+    finished = _finished_state(checkpoint, job) if checkpoint else None
+    if finished is not None:
+        # transformers would train one step past max_steps when resumed from the last checkpoint
+        # (a run killed after training, while evaluating or saving): load it and finish instead
+        say(f"training had reached step {finished['global_step']} in {checkpoint}; finishing from there")
+        trainer._load_from_checkpoint(checkpoint)
+        result["steps"] = finished["global_step"]
+        result["train_loss"] = _logged_train_loss(finished)
+        if (out / "metrics.jsonl").is_file():
+            from .atomic import read_jsonl
+            from .callbacks import plot_losses
+
+            plot_losses(read_jsonl(out / "metrics.jsonl"), out / "loss.png")
+    else:
+        train_out = trainer.train(resume_from_checkpoint=checkpoint)
+        result["steps"] = train_out.global_step
+        result["train_loss"] = train_out.training_loss
     if is_main:
         _save_final(peft_model, tokenizer, out)
         if val:
@@ -233,10 +253,37 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     return result
 
 
-def _has_checkpoint(out: Path) -> bool:
+def _last_checkpoint(out: Path) -> str | None:
+    """The newest completely written checkpoint-N in ``out`` (a torn one is skipped), or None."""
     from .trainer import last_complete_checkpoint
 
-    return last_complete_checkpoint(out) is not None
+    return last_complete_checkpoint(out)
+
+
+def _finished_state(checkpoint: str, job: TrainJob) -> dict | None:
+    """The checkpoint's trainer state if the job's training was complete there, else None."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        step = int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if job.max_steps > 0:
+        target = job.max_steps
+    elif state.get("num_train_epochs") == job.epochs or state.get("num_train_epochs") == math.ceil(job.epochs):
+        target = int(state.get("max_steps") or 0)
+    else:
+        return None
+    return state if 0 < target <= step else None
+
+
+def _logged_train_loss(state: dict) -> float | None:
+    """The mean logged training loss of a finished run's trainer state."""
+    history = state.get("log_history") or []
+    for record in reversed(history):
+        if isinstance(record.get("train_loss"), (int, float)):
+            return float(record["train_loss"])
+    losses = [r["loss"] for r in history if isinstance(r.get("loss"), (int, float))]
+    return sum(losses) / len(losses) if losses else None
 
 
 class _adapter_off:
