@@ -187,6 +187,25 @@ def test_adapter_size_matches_peft():
         assert est.trainable_params == want, targets
 
 
+def test_targets_are_chosen_as_adaptune_chooses_them():
+    from transformers import GPT2Config
+
+    from adaptune.targets import DEFAULT_TARGETS
+
+    gpt2 = GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    sliced = estimate_training_memory(gpt2, "lora", 1, 8, r=4, target_modules=["q_attn", "v_attn"],
+                                      device="cpu")
+    assert sliced.trainable_params == 2 * 2 * 4 * (64 + 64)  # 2 layers x 2 slices of 64 rows
+    whole = estimate_training_memory(gpt2, "lora", 1, 8, r=4, target_modules=["c_attn"],
+                                     device="cpu")
+    assert whole.trainable_params == 2 * 4 * (64 + 192)
+    cfg = small_llama_config(vocab_size=500, num_hidden_layers=2)
+    default = estimate_training_memory(cfg, "lora", 1, 8, target_modules=None, device="cpu")
+    named = estimate_training_memory(cfg, "lora", 1, 8, target_modules=DEFAULT_TARGETS["llama"],
+                                     device="cpu")
+    assert default == named
+
+
 def test_count_parameters_on_meta_and_tied():
     from transformers import LlamaForCausalLM
 

@@ -15,9 +15,10 @@ What is counted (bytes; ``c`` = bytes of the compute/weight dtype, 4 for fp32, 2
   ``prepare_model_for_kbit_training`` upcasts them to fp32).
 * **adapter**: LoRA adds ``r * (in + out)`` parameters per targeted ``Linear``/``Conv1D``
   (``r * (num_embeddings + dim)`` per ``Embedding``), kept in fp32 (peft's default
-  ``autocast_adapter_dtype``). Targets match as peft does: a list matches a module whose name is the
-  entry or ends with ``.entry``; a single string other than ``"all-linear"`` is a regex matched
-  against the full name; ``"all-linear"`` is every linear layer except the output head.
+  ``autocast_adapter_dtype``). Targets are chosen by ``adaptune.targets.resolve_targets``, as
+  adaptune's LoRA chooses them (peft's rules: a list entry matches a name or a dotted suffix, a
+  string is a regex, ``"all-linear"``; ``None`` is the architecture's default; GPT-2's
+  ``q_attn``/``v_attn`` are slices of ``c_attn`` with ``r * (in + out/3)`` each).
 * **gradients**: one per trainable parameter in its dtype (fp32 adapters: 4 bytes; full
   fine-tuning: ``c``). **optimizer**: AdamW keeps two states per trainable parameter, in its dtype.
 * **activations**: what autograd keeps between forward and backward, plus the largest transient.
@@ -91,7 +92,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from adaptune.errors import ConfigError, TargetError
+from adaptune.errors import ConfigError
 
 METHODS = ("full", "lora", "qlora")
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=True)
@@ -233,35 +234,20 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[0], best[1]
 
 
-def _match_targets(model: nn.Module, target_modules: Any, exclude: set[str]) -> dict[str, nn.Module]:
-    """Module name -> module for the LoRA targets, matched as peft matches them."""
-    candidates = {n: m for n, m in model.named_modules()
-                  if n and (_linear_like(m) or isinstance(m, nn.Embedding))}
-    if target_modules is None:
-        for guess in (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",),
-                      ("query", "value"), ("q", "v")):
-            found = _match_targets_list(candidates, guess)
-            if found:
-                return found
-        raise TargetError("memory estimate: no default LoRA targets for this model: "
-                          "pass target_modules")
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            found = {n: m for n, m in candidates.items() if _linear_like(m) and n not in exclude}
+def _match_targets(model: nn.Module, target_modules: Any) -> dict[str, list[tuple[int, int]]]:
+    """Module name -> ``(in, out)`` of each LoRA pair on it, chosen as adaptune's LoRA chooses
+    (``adaptune.targets.resolve_targets``: peft's matching, per-architecture defaults for
+    ``None``, and GPT-2's ``q_attn``/``k_attn``/``v_attn`` slices of ``c_attn``)."""
+    from adaptune.targets import resolve_targets
+
+    found: dict[str, list[tuple[int, int]]] = {}
+    for t in resolve_targets(model, target_modules):
+        fan_in, fan_out = _in_out(model.get_submodule(t.name))
+        if t.slices:
+            found[t.name] = [(fan_in, stop - start) for start, stop in t.slices]
         else:
-            found = {n: m for n, m in candidates.items() if re.fullmatch(target_modules, n)}
-    else:
-        found = _match_targets_list(candidates, tuple(target_modules))
-    if not found:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in candidates.items() if _linear_like(m)})
-        raise TargetError(f"target_modules {target_modules!r} match no layer of this model; its "
-                          f"linear layers are named: {', '.join(names)}")
+            found[t.name] = [(fan_in, fan_out)]
     return found
-
-
-def _match_targets_list(candidates: dict[str, nn.Module], targets: Sequence[str]) -> dict:
-    return {n: m for n, m in candidates.items()
-            if any(n == t or n.endswith("." + t) for t in targets)}
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -344,7 +330,7 @@ def _norm_bytes(norm: nn.Module, size: int, c: int, trainable: bool) -> int:
 
 
 def _layer_saved(block: nn.Module, s: _Shape, c: int, seq_len: int, full: bool,
-                 lora: dict[str, nn.Module], lora_dropout: float, r: int, padded: bool,
+                 lora: dict[str, list[tuple[int, int]]], lora_dropout: float, r: int, padded: bool,
                  cuda: bool) -> int:
     """Bytes per token one decoder layer keeps for backward (the table in the module doc)."""
     total = 0
@@ -367,11 +353,9 @@ def _layer_saved(block: nn.Module, s: _Shape, c: int, seq_len: int, full: bool,
         if not _linear_like(mod):
             continue
         group = _group(name, mod, s.h)
-        targeted = name in lora
         if full:
             plain.add(group)
-        if targeted:
-            fan_in = _in_out(mod)[0]
+        for fan_in, _ in lora.get(name, ()):
             total += r * ADAPTER_BYTES
             if lora_dropout > 0:
                 total += fan_in * (ADAPTER_BYTES + mask(ADAPTER_BYTES))  # output + mask
@@ -400,7 +384,7 @@ def _layer_saved(block: nn.Module, s: _Shape, c: int, seq_len: int, full: bool,
     return total
 
 
-def _train_state(model: nn.Module, method: str, targets: dict[str, nn.Module], c: int,
+def _train_state(model: nn.Module, method: str, targets: dict[str, list[tuple[int, int]]], c: int,
                  double_quant: bool, out_emb_name: str | None) -> tuple[int, int]:
     """(weight bytes, adapter parameters per unit of rank)."""
     quantized = {n for n, m in model.named_modules()
@@ -418,7 +402,7 @@ def _train_state(model: nn.Module, method: str, targets: dict[str, nn.Module], c
                 weights += p.numel() * c
     for b in model.buffers():
         weights += b.numel() * (c if b.is_floating_point() else b.element_size())
-    adapter_fan = 0 if method == "full" else sum(sum(_in_out(m)) for m in targets.values())
+    adapter_fan = sum(fi + fo for pairs in targets.values() for fi, fo in pairs)
     return weights, adapter_fan
 
 
@@ -461,8 +445,7 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     blocks_name, blocks = _find_blocks(model)
     block = blocks[0]
     s = _shape(model, block, out_emb, len(blocks))
-    targets = {} if full else _match_targets(
-        model, target_modules, {out_emb_name} if out_emb_name else set())
+    targets = {} if full else _match_targets(model, target_modules)
     prefix = f"{blocks_name}.0."
     block_targets = {n[len(prefix):]: m for n, m in targets.items() if n.startswith(prefix)}
 
@@ -495,7 +478,7 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     if out_emb is not None and head_trainable:
         head += s.h * c
     if out_emb_name in targets:
-        head += r * ADAPTER_BYTES
+        head += r * ADAPTER_BYTES * len(targets[out_emb_name])
     head += 16  # labels, padded and shifted (int64)
     if full:
         head += 8  # token ids kept for the embedding's gradient
@@ -520,7 +503,8 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     # -- peak: backward frees activations layer by layer while gradients appear
     per_block_grad = count_parameters(block) * grad_bytes if full else 0
     if not full:
-        per_block_grad = sum(r * sum(_in_out(m)) for m in block_targets.values()) * grad_bytes
+        per_block_grad = sum(r * (fi + fo) for pairs in block_targets.values()
+                             for fi, fo in pairs) * grad_bytes
     layer_grads = per_block_grad * s.layers
     embed_grad = 0 if (tied or not full or in_emb is None) else in_emb.weight.numel() * grad_bytes
     head_grad = gradients - layer_grads - embed_grad
