@@ -1,7 +1,7 @@
 """adaptune.trainer / adaptune.callbacks: transformers' Trainer with adaptune's fallbacks and callbacks.
 
-The adapter models here are peft's own (``peft`` is a test dependency) as a stand-in with the
-same API; adaptune's PeftModel replaces it once model.py is settled (one test already uses it).
+The adapter models here are adaptune's own (the tutorial's GPT-2 q/v slices), with the
+same API as peft.
 """
 
 from __future__ import annotations
@@ -46,15 +46,16 @@ def _one_thread():
 
 
 def peft_gpt2(lora_seed: int = 0):
-    """The same tiny GPT-2 base every time; ``lora_seed`` picks the LoRA A init.
-
-    peft's get_peft_model as a stand-in for adaptune's (same API, same files).
-    """
-    from peft import LoraConfig, get_peft_model
+    """The same tiny GPT-2 base every time, with adaptune's LoRA on the tutorial's q/v slices;
+    ``lora_seed`` picks the LoRA A init."""
+    from adaptune import LoraConfig, TaskType, get_peft_model
 
     base = tiny_gpt2(seed=0)
     torch.manual_seed(lora_seed)
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Conv1D fan_in_fan_out note
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_attn", "v_attn"],
+                                               lora_dropout=0.05, task_type=TaskType.CAUSAL_LM))
 
 
 def token_rows(n: int = 48, length: int = 16, seed: int = 0, pad_tail: int = 3):

@@ -97,6 +97,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-examples", type=int, help="use only the first N examples")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps (default: before/after only)")
     p.add_argument("--save-every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
+    p.add_argument("--logging-steps", type=int, help=f"log the training loss every N steps (default {d.logging_steps})")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)

@@ -111,10 +111,19 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        self._cpu_distributed_defaults()
         self._fall_back_precision()
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = not self.use_cpu and _accelerator_type() is not None
         super().__post_init__()
+
+    def _cpu_distributed_defaults(self) -> None:
+        """Under torchrun / accelerate launch on a machine without an accelerator, transformers
+        runs each process alone (no DDP) unless told ``use_cpu``; adaptune says it, with gloo."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _accelerator_type() is None:
+            self.use_cpu = True
+            if self.ddp_backend is None:
+                self.ddp_backend = "gloo"
 
     def _fall_back_precision(self) -> None:
         """fp16/bf16 asked for on hardware that lacks it -> the best precision it has, said once."""

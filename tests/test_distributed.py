@@ -1,0 +1,58 @@
+"""Training under torchrun (DDP, gloo on CPU): the same run as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.tiny import WORDS, make_tokenizer, tiny_llama
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+
+
+def _run(cmd: list[str], cwd) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _losses(folder) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_two_process_ddp_matches_one_process_with_same_global_batch(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(200)))
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "6", "--max-length", "32",
+              "--dropout", "0", "--logging-steps", "1", "--lr", "0.01", "--save-every", "100"]
+    _run([sys.executable, "-m", "adaptune.cli", *common, "--batch-size", "4", "--output", str(tmp_path / "one")],
+         tmp_path)
+    _run(["torchrun", "--nproc_per_node", "2", "-m", "adaptune.cli", *common, "--batch-size", "2",
+          "--output", str(tmp_path / "two")], tmp_path)
+
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in two] == [1, 2, 3, 4, 5, 6], "each step logged once (by rank 0 only)"
+    assert [s for s, _ in one] == [s for s, _ in two]
+    for (_, a), (_, b) in zip(one, two):
+        assert a == pytest.approx(b, rel=1e-3)
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    leftovers = [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
