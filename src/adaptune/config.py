@@ -281,12 +281,15 @@ class PromptEncoderConfig(PromptLearningConfig):
 class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning (Li & Liang 2021, arXiv:2101.00190): trained keys/values in every layer."""
 
+    init_weights: str | None = None  # None: random; "zero": a prefix of zeros
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.PREFIX_TUNING
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
 
 
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {

@@ -158,13 +158,13 @@ class PeftModel(nn.Module):
     # ---- adapters --------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add an adapter; it is not activated (call ``set_adapter``)."""
-        if peft_config.peft_type != self.peft_type:
-            raise ConfigError(f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model")
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _name_of(self.get_base_model())
-        if self._is_prompt_learning:
+        if self._is_prompt_learning:  # any prompt-learning kind may join (prompt, P-, prefix tuning)
             self._prompt.add_adapter(adapter_name, peft_config)
             return
+        if peft_config.peft_type != self.peft_type:
+            raise ConfigError(f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model")
         active = self.active_adapter
         self.base_model.inject_adapter(peft_config, adapter_name)
         self.base_model.set_adapter(active)
@@ -267,7 +267,7 @@ class PeftModel(nn.Module):
         _warn_if_other_base(model, config, folder)
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
         peft_model = target_cls(model, config, adapter_name)
-        peft_model._load_weights(folder, adapter_name, allow_pickle)
+        peft_model._load_weights(folder, adapter_name, allow_pickle, is_trainable)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -280,12 +280,12 @@ class PeftModel(nn.Module):
         _warn_if_other_base(self.get_base_model(), config, folder)
         if adapter_name not in self.peft_config:
             self.add_adapter(adapter_name, config)
-        self._load_weights(folder, adapter_name, allow_pickle)
+        self._load_weights(folder, adapter_name, allow_pickle, is_trainable)
 
-    def _load_weights(self, folder: Path, adapter_name: str, allow_pickle: bool) -> None:
+    def _load_weights(self, folder: Path, adapter_name: str, allow_pickle: bool, is_trainable: bool = False) -> None:
         tensors = checkpoint.read_adapter_tensors(folder, allow_pickle=allow_pickle)
         if self._is_prompt_learning:
-            self._prompt.load_state_dict_from_disk(adapter_name, tensors, str(folder))
+            self._prompt.load_state_dict_from_disk(adapter_name, tensors, str(folder), trainable=is_trainable)
         else:
             checkpoint.load_lora_state_dict(self.base_model, adapter_name, tensors, str(folder))
 
@@ -293,7 +293,9 @@ class PeftModel(nn.Module):
 def _prepare_loaded_config(config: PeftConfig, is_trainable: bool) -> PeftConfig:
     if isinstance(config, LoraConfig):
         config = checkpoint.config_from_disk(config)
-    config.inference_mode = not is_trainable
+    # A prompt-learning adapter is built in inference mode (no encoder network, no text init: the
+    # file holds the encoder's output) and made trainable, if asked, once its rows are loaded.
+    config.inference_mode = config.is_prompt_learning or not is_trainable
     return config
 
 
