@@ -186,11 +186,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     check_writable(Path(args.output).parent if Path(args.output).parent != Path("") else Path("."))
     model, tokenizer = _load_for_inference(args.model, args.adapter)
     merged = model.merge_and_unload(safe_merge=True)
-    config = getattr(merged, "config", None)
-    if config is not None and getattr(config, "quantization_config", None) is not None:
-        # GGUF / bitsandbytes bases are written as plain full-precision weights
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
     with atomic_directory(args.output) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -319,9 +319,22 @@ def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM"
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None
                                 else str(dev)}
     model = _load(auto_cls.from_pretrained, source, extra, "model", label, **kwargs)
+    if "gguf_file" in extra:
+        _forget_gguf_quantization(model)
     if quantization_config is None and dev.type != "cpu":
         model = model.to(dev)
     return model
+
+
+def _forget_gguf_quantization(model: Any) -> None:
+    """transformers dequantizes GGUF weights into ordinary float layers but keeps a "gguf"
+    quantizer on the model, so its Trainer would refuse full fine-tuning and ``save_pretrained``
+    would write a quantization_config. The weights are plain floats: say so."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
 
 
 def load_model_and_tokenizer(name: str | os.PathLike | None = None, **kw: Any):
