@@ -23,6 +23,10 @@ from tests.tiny import (  # noqa: E402
 )
 
 
+# Tiny models run fastest on one thread; two threads on CI's two cores mostly wait on each other.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
