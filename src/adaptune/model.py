@@ -53,6 +53,10 @@ def _name_of(model: nn.Module) -> str | None:
 class PeftModel(nn.Module):
     """A transformers model with named adapters. Construct with ``get_peft_model``."""
 
+    # transformers' Trainer refuses quantized models unless it sees adapters attached; this is the
+    # flag it reads for that (peft's own class is recognised by type, ours by this attribute).
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         _check_task_fits(model, peft_config.task_type)
