@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import AdaptuneError
 
@@ -283,25 +284,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not debug:
-        # bitsandbytes (imported by transformers when installed) warns about an optional hub kernel
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        from transformers.utils import logging as hf_logging
+    args = build_parser().parse_args(argv)
+    with _quiet_libraries(enabled=not debug):
+        try:
+            return args.func(args)
+        except AdaptuneError as exc:
+            if debug:
+                raise
+            print(f"adaptune: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("adaptune: interrupted", file=sys.stderr)
+            return 130
 
-        hf_logging.set_verbosity_error()
+
+@contextmanager
+def _quiet_libraries(enabled: bool) -> Iterator[None]:
+    """Hide library chatter (deprecation notes, info logs) for the command's duration only."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bnb_logger = logging.getLogger("bitsandbytes")  # warns about an optional hub kernel on import
+    old_bnb, old_hf = bnb_logger.level, hf_logging.get_verbosity()
+    bnb_logger.setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
     try:
-        return args.func(args)
-    except AdaptuneError as exc:
-        if debug:
-            raise
-        print(f"adaptune: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("adaptune: interrupted", file=sys.stderr)
-        return 130
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        bnb_logger.setLevel(old_bnb)
+        hf_logging.set_verbosity(old_hf)
 
 
 if __name__ == "__main__":
