@@ -332,3 +332,28 @@ def test_inference_loaded_adapter_is_frozen_and_eval(tmp_path):
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-6, rtol=0)
     trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("how", ["linear", "cat"])
+def test_add_weighted_adapter_matches_peft(how):
+    peft = pytest.importorskip("peft")
+    ranks = (2, 2) if how == "linear" else (2, 3)
+    ours = get_peft_model(tiny_llama(), LoraConfig(r=ranks[0], lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    ours.add_adapter("b", LoraConfig(r=ranks[1], lora_alpha=3, target_modules=["q_proj", "v_proj"]))
+    _perturb(ours)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=ranks[0], lora_alpha=4,
+                                                               target_modules=["q_proj", "v_proj"]))
+    theirs.add_adapter("b", peft.LoraConfig(r=ranks[1], lora_alpha=3, target_modules=["q_proj", "v_proj"]))
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.copy_(mine[name])
+    ours.add_weighted_adapter(["default", "b"], [0.7, 0.5], "mix", combination_type=how)
+    theirs.add_weighted_adapter(["default", "b"], [0.7, 0.5], "mix", combination_type=how)
+    ours.set_adapter("mix")
+    theirs.set_adapter("mix")
+    reference = _logits(tiny_llama())
+    mixed = _logits(ours)
+    assert (mixed - reference).abs().max() > 1e-3
+    torch.testing.assert_close(mixed, _logits(theirs), atol=1e-5, rtol=1e-5)

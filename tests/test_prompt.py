@@ -41,14 +41,6 @@ METHODS = {
 FILLED = ("token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules", "encoder_hidden_size")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box they cost 5x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def config(lib, method: str, task: str, **extra):
     cls_name, kw = METHODS[method]

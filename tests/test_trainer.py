@@ -35,15 +35,6 @@ ON_CPU_ONLY = trainer_module._accelerator_type() is None
 quiet = pytest.mark.filterwarnings("ignore::adaptune.trainer.AdaptuneWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores shared by several test runs: torch's default two threads then spin against each
-    # other and a tiny GPT-2 step takes ~1 s instead of ~5 ms.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def peft_gpt2(lora_seed: int = 0):
     """The same tiny GPT-2 base every time, with adaptune's LoRA on the tutorial's q/v slices;

@@ -26,6 +26,30 @@ EXIT_USER_ERROR = 2
 def _add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="hub id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    _add_trust_flag(p)
+
+
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code that comes with the model (its own modeling files); off by default")
+
+
+def _add_pickle_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read an adapter stored only as pickled adapter_model.bin (with torch.load(weights_only=True)); "
+                        "off by default: only safetensors are read")
+    _add_trust_flag(p)
+
+
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code that comes with the model (its own modeling files); off by default")
+
+
+def _add_pickle_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read an adapter stored only as pickled adapter_model.bin (with torch.load(weights_only=True)); "
+                        "off by default: only safetensors are read")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -39,15 +63,15 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _load_for_inference(model_name: str | None, adapter: str | None, allow_pickle: bool = False):
+def _load_for_inference(model_name: str | None, adapter: str | None, allow_pickle: bool = False,
+                        trust_remote_code: bool = False):
     """Base (+ adapter) ready for generation or evaluation; the base defaults to the adapter's."""
-    from .config import PeftConfig
     from .model import PeftModel
     from .models import load_model_and_tokenizer
 
     if adapter and model_name is None:
         model_name = _adapter_base_name(adapter)
-    model, tokenizer = load_model_and_tokenizer(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code=trust_remote_code)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter, allow_pickle=allow_pickle)
     model.eval()
@@ -66,7 +90,7 @@ def _adapter_base_name(adapter: str) -> str | None:
 
 # ---- train -------------------------------------------------------------------------------------
 def _train_parser(sub) -> None:
-    from .recipe import METHODS, TrainJob
+    from .recipe import DEFAULT_LR, METHODS, TrainJob
 
     d = TrainJob()
     p = sub.add_parser("train", help="fine-tune a model (default: SmolLM2-135M on Shakespeare)",
@@ -86,7 +110,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--virtual-tokens", type=int, help=f"prompt/prefix methods (default {d.virtual_tokens})")
     p.add_argument("--epochs", type=float, help=f"used when --max-steps is 0 (default {d.epochs})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps; 0 = by epochs (default {d.max_steps})")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    p.add_argument("--lr", type=float, help="learning rate (default by method: "
+                   + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
     p.add_argument("--batch-size", type=int, help=f"per device (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, help=f"gradient accumulation steps (default {d.grad_accum})")
     p.add_argument("--max-length", type=int, help=f"tokens per block/example (default {d.max_length})")
@@ -128,6 +153,8 @@ def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a base model or an adapter")
     _add_model_flag(p)
     p.add_argument("--adapter", help="adapter folder (peft format); the base defaults to the one it was trained on")
+    _add_pickle_flag(p)
+    _add_pickle_flag(p)
     p.add_argument("--prompt", default="Write a few lines in the style of Shakespeare about the sea.")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: when the tokenizer has one)")
@@ -138,7 +165,7 @@ def _generate_parser(sub) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import generate_text
 
-    model, tokenizer = _load_for_inference(args.model, args.adapter)
+    model, tokenizer = _load_for_inference(args.model, args.adapter, args.allow_pickle, args.trust_remote_code)
     generate_text(model, tokenizer, args.prompt, chat=args.chat, stream=True, max_new_tokens=args.max_new_tokens,
                   do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
@@ -151,6 +178,8 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model or adapter on a data file")
     _add_model_flag(p)
     p.add_argument("--adapter", help="adapter folder")
+    _add_pickle_flag(p)
+    _add_pickle_flag(p)
     p.add_argument("--data", help="text or jsonl file (default: the embedded Shakespeare)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
@@ -162,7 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import DataCollator, default_data_path, load_examples, pad_token_id_for
     from .evaluation import perplexity
 
-    model, tokenizer = _load_for_inference(args.model, args.adapter)
+    model, tokenizer = _load_for_inference(args.model, args.adapter, args.allow_pickle, args.trust_remote_code)
     examples, report = load_examples(args.data or default_data_path(), tokenizer, args.max_length)
     if args.max_examples:
         examples = examples[:args.max_examples]
@@ -177,6 +206,8 @@ def _merge_parser(sub) -> None:
     p = sub.add_parser("merge", help="fold an adapter into its base and write a plain transformers folder")
     _add_model_flag(p)
     p.add_argument("--adapter", required=True, help="adapter folder")
+    _add_pickle_flag(p)
+    _add_pickle_flag(p)
     p.add_argument("--output", required=True, help="folder to write (loads with AutoModelForCausalLM, no adaptune)")
     p.set_defaults(func=cmd_merge)
 
@@ -185,7 +216,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .atomic import atomic_directory, check_writable
 
     check_writable(Path(args.output).parent if Path(args.output).parent != Path("") else Path("."))
-    model, tokenizer = _load_for_inference(args.model, args.adapter)
+    model, tokenizer = _load_for_inference(args.model, args.adapter, args.allow_pickle, args.trust_remote_code)
     merged = model.merge_and_unload(safe_merge=True)
     with atomic_directory(args.output) as tmp:
         merged.save_pretrained(tmp)
@@ -198,6 +229,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="list a model's adaptable layers, default targets and parameter counts")
     p.add_argument("model", nargs="?", default=None, help="hub id, local folder or .gguf (default: embedded model)")
+    _add_trust_flag(p)
+    _add_trust_flag(p)
     p.add_argument("--r", type=int, default=8, help="rank for the trainable-parameter count")
     p.add_argument("--targets", default=None, help="comma-separated names, a regex, or all-linear")
     p.add_argument("--memory", action="store_true", help="estimate training memory (full / LoRA / QLoRA)")
@@ -206,13 +239,13 @@ def _inspect_parser(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def meta_model(name: str | None):
+def meta_model(name: str | None, trust_remote_code: bool = False):
     """The model's architecture on the meta device: no weights are read or downloaded."""
     import torch
 
     from .models import auto_class_for_task, load_config
 
-    config = load_config(name)
+    config = load_config(name, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return auto_class_for_task("CAUSAL_LM").from_config(config)
 
@@ -220,7 +253,7 @@ def meta_model(name: str | None):
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .targets import DEFAULT_TARGETS, FUSED_SLICES, describe_adaptable, model_type, resolve_targets
 
-    model = meta_model(args.model)
+    model = meta_model(args.model, trust_remote_code=args.trust_remote_code)
     mtype = model_type(model)
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'} ({type(model).__name__}, type {mtype})")
     rows = describe_adaptable(model)

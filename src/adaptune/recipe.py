@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,10 @@ import torch
 from .errors import ConfigError, DataError
 
 METHODS = ("lora", "dora", "qlora", "prompt-tuning", "p-tuning", "prefix-tuning", "full")
+PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+# --lr when not given: what each method trains well with (checked with bench/methods.py on SmolLM2-135M)
+DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "prompt-tuning": 3e-2, "p-tuning": 1e-3,
+              "prefix-tuning": 1e-2, "full": 5e-5}
 SAMPLE_PROMPT = "Write a few lines in the style of Shakespeare about a king who cannot sleep."
 
 
@@ -42,7 +46,7 @@ class TrainJob:
     virtual_tokens: int = 20
     epochs: float = 1.0
     max_steps: int = 60
-    lr: float = 1e-3
+    lr: float | None = None  # None: DEFAULT_LR[method]
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 128
@@ -63,6 +67,11 @@ class TrainJob:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
+        if self.method == "prefix-tuning" and self.gradient_checkpointing:
+            raise ConfigError("--method prefix-tuning does not work with --gradient-checkpointing (the "
+                              "checkpointed layers drop the KV cache that carries the prefix); turn one off")
         for name in ("r", "batch_size", "grad_accum", "max_length", "virtual_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
@@ -104,8 +113,10 @@ def adapter_config_for(job: TrainJob, model: torch.nn.Module):
     if job.method == "prompt-tuning":
         return PromptTuningConfig(num_virtual_tokens=job.virtual_tokens, task_type=TaskType.CAUSAL_LM)
     if job.method == "p-tuning":
+        # encoder_hidden_size None = the model's hidden size (peft's default): the MLP is as wide as the
+        # embeddings it makes. Only its output (virtual_tokens x hidden) is saved.
         return PromptEncoderConfig(num_virtual_tokens=job.virtual_tokens, task_type=TaskType.CAUSAL_LM,
-                                   encoder_hidden_size=128)
+                                   encoder_hidden_size=None)
     if job.method == "prefix-tuning":
         return PrefixTuningConfig(num_virtual_tokens=job.virtual_tokens, task_type=TaskType.CAUSAL_LM)
     return None
@@ -164,7 +175,7 @@ def _model_card(job: TrainJob, result: dict) -> str:
 
 def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
-    from .atomic import atomic_write_json, atomic_write_text, check_writable
+    from .atomic import atomic_write_json, atomic_write_text, check_writable, remove_temporaries
     from .data import DataCollator, build_datasets, default_data_path, pad_token_id_for, supports_packing
     from .evaluation import perplexity
     from .generation import generate_text
@@ -173,15 +184,25 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     started = time.time()
     out = Path(job.output)
     check_writable(out, need_bytes=50 * 2**20)
+    if int(os.environ.get("RANK", "0")) == 0:  # temporary files of a killed earlier run
+        for folder in [out, *sorted(out.glob("checkpoint-*"))]:
+            remove_temporaries(folder)
     data_path = job.data or str(default_data_path())
     if not Path(data_path).is_file():  # before the (slow) model load
         raise DataError(f"{data_path}: no such data file")
     torch.manual_seed(job.seed)
     say(f"loading {job.model or 'SmolLM2-135M-Instruct (embedded)'} ...")
     model, tokenizer = load_base(job)
-    packing = job.packing and supports_packing(model)
-    if job.packing and not packing:
-        say("note: this model does not keep packed examples apart; training without packing")
+    if job.packing and job.method in PROMPT_METHODS:
+        # the virtual tokens / prefix go in front of each row, not of each packed example: later
+        # examples in a block would train without them (prefix tuning would also let them see each other)
+        packing = False
+        say(f"note: --method {job.method} puts its virtual tokens in front of each row, so examples are "
+            f"not packed (one example a row, padded)")
+    else:
+        packing = job.packing and supports_packing(model)
+        if job.packing and not packing:
+            say("note: this model does not keep packed examples apart; training without packing")
     train, val, report = build_datasets(data_path, tokenizer, max_length=job.max_length, packing=packing,
                                         val_fraction=job.val_fraction, seed=job.seed, max_examples=job.max_examples,
                                         train_on_prompt=job.train_on_prompt)
@@ -197,8 +218,13 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     # the adapter's random init must not depend on what ran before it (no sample on --resume)
     torch.manual_seed(job.seed)
     peft_model = wrap_model(job, model)
-    if hasattr(peft_model, "print_trainable_parameters"):
-        peft_model.print_trainable_parameters()
+    if hasattr(peft_model, "get_nb_trainable_parameters"):
+        trainable, total = peft_model.get_nb_trainable_parameters()
+    else:  # full fine-tuning
+        total = sum(p.numel() for p in peft_model.parameters())
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    result["trainable_params"], result["all_params"] = trainable, total
+    say(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     if val and is_main:
         with _adapter_off(peft_model):
             result["ppl_before"] = perplexity(peft_model, val, collator, batch_size=job.batch_size)
@@ -215,8 +241,9 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
         remove_unused_columns=False, report_to="none", dataloader_num_workers=0,
         disable_tqdm=False,  # transformers hides the bar when its log level is above WARN (the CLI's default)
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=train, eval_dataset=val or None,
-                      data_collator=collator, processing_class=tokenizer)
+    trainer_class = _encoder_checkpoint_trainer() if _reparameterised(peft_model) else Trainer
+    trainer = trainer_class(model=peft_model, args=args, train_dataset=train, eval_dataset=val or None,
+                            data_collator=collator, processing_class=tokenizer)
     checkpoint = _last_checkpoint(out) if job.resume else None
     if job.resume and checkpoint is None:
         say(f"--resume: no complete checkpoint in {out}; training from the start")
@@ -237,6 +264,8 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
         train_out = trainer.train(resume_from_checkpoint=checkpoint)
         result["steps"] = train_out.global_step
         result["train_loss"] = train_out.training_loss
+        result["train_seconds"] = round(float(train_out.metrics.get("train_runtime", float("nan"))), 2)
+        result["train_tokens"] = trainer.step_stats.tokens
     if is_main:
         _save_final(peft_model, tokenizer, out)
         if val:
@@ -249,7 +278,9 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
         result["seconds"] = round(time.time() - started, 1)
         atomic_write_text(out / "README.md", _model_card(job, result))
         atomic_write_json(out / "train_result.json", result)
-        say(f"adapter saved to {out} ({result['seconds']:.0f} s); loss plot: {out / 'loss.png'}")
+        what = "adapter saved to" if hasattr(peft_model, "peft_config") else "model saved to"
+        where = out if hasattr(peft_model, "peft_config") else out / "model"
+        say(f"{what} {where} ({result['seconds']:.0f} s); loss plot: {out / 'loss.png'}")
     return result
 
 
@@ -309,3 +340,49 @@ def _save_final(model: Any, tokenizer: Any, out: Path) -> None:
     with atomic_directory(out / "model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+# ---- P-tuning (and projected prefix tuning) checkpoints ------------------------------------------
+ENCODER_STATE = "prompt_encoder_state.safetensors"
+
+
+def _reparameterised(model: Any) -> bool:
+    """Whether the adapter trains a network (P-tuning's MLP/LSTM) whose output alone is the peft file."""
+    from .config import PromptEncoderConfig
+
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return isinstance(config, PromptEncoderConfig) or bool(getattr(config, "prefix_projection", False))
+
+
+def _encoder_checkpoint_trainer():
+    from .trainer import Trainer
+
+    class EncoderCheckpointTrainer(Trainer):
+        """Checkpoints also hold the encoder network, and resume restores it.
+
+        The peft file holds only the encoder's output; resuming from that alone would replace the
+        MLP with a plain embedding, and the saved optimizer state (made for the MLP's parameters)
+        would no longer fit it.
+        """
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            super()._save(output_dir, state_dict)
+            if self.args.should_save:
+                from .atomic import atomic_save_safetensors
+
+                model = self.accelerator.unwrap_model(self.model)
+                encoder = model.prompt_encoder[model.active_adapter]
+                tensors = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+                folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+                atomic_save_safetensors(tensors, folder / ENCODER_STATE)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            path = Path(resume_from_checkpoint) / ENCODER_STATE
+            if not path.is_file():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            from safetensors.torch import load_file
+
+            model = self.accelerator.unwrap_model(model if model is not None else self.model)
+            model.prompt_encoder[model.active_adapter].load_state_dict(load_file(str(path)), strict=True)
+
+    return EncoderCheckpointTrainer

@@ -323,7 +323,7 @@ def _combine_into(layer: LoraLayer, present: list[tuple[str, float]], new: str, 
         if how == "linear":
             a = sum(math.sqrt(abs(w) * layer.scaling(n)) * math.copysign(1, w) * layer.lora_A[n].weight
                     for n, w in present)
-            b = sum(math.sqrt(abs(w) * layer.scaling(n)) * layer.lora_B[n].weight for n, _ in present)
+            b = sum(math.sqrt(abs(w) * layer.scaling(n)) * layer.lora_B[n].weight for n, w in present)
         elif how == "cat" and not spec.slices:
             a = torch.cat([layer.lora_A[n].weight * w * layer.scaling(n) for n, w in present], 0)
             b = torch.cat([layer.lora_B[n].weight for n, _ in present], 1)
