@@ -357,3 +357,27 @@ def test_add_weighted_adapter_matches_peft(how):
     mixed = _logits(ours)
     assert (mixed - reference).abs().max() > 1e-3
     torch.testing.assert_close(mixed, _logits(theirs), atol=1e-5, rtol=1e-5)
+
+
+def test_plain_transformers_trainer_checkpoints_and_resumes_a_tied_model(tmp_path):
+    """transformers.Trainer (not adaptune's) saves our PeftModel's state dict with safetensors."""
+    import transformers
+
+    def run(max_steps, resume=None):
+        torch.manual_seed(0)
+        model = _quiet(get_peft_model, tiny_gpt2(), LoraConfig(r=4, target_modules=["q_attn", "v_attn"],
+                                                                task_type=TaskType.CAUSAL_LM))
+        rows = [{"input_ids": r, "labels": r} for r in torch.randint(5, 100, (16, 12),
+                                                                     generator=torch.Generator().manual_seed(1))]
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, save_steps=2,
+                                              per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                                              learning_rate=0.01, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train(resume_from_checkpoint=resume)
+        return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+    full = run(4)
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    resumed = run(4, resume=str(tmp_path / "out" / "checkpoint-2"))
+    for key in full:
+        torch.testing.assert_close(full[key], resumed[key], atol=1e-6, rtol=1e-5)

@@ -127,6 +127,24 @@ class PeftModel(nn.Module):
             return self.get_base_model().generate(*args, **kwargs)
 
     # ---- parameters ------------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any):
+        """nn.Module's, with tied weights (GPT-2's wte/lm_head) as separate copies.
+
+        transformers' own Trainer checkpoints a model it does not recognise by writing its state
+        dict with safetensors, which refuses tensors that share memory; copies make that work and
+        load back the same (the tie lives in the model, not in the dict).
+        """
+        state = super().state_dict(*args, **kwargs)
+        if kwargs.get("keep_vars"):
+            return state
+        seen: set[int] = set()
+        for key, value in state.items():
+            ptr = value.untyped_storage().data_ptr() if value.device.type != "meta" else id(value)
+            if ptr in seen:
+                state[key] = value.clone()
+            seen.add(ptr)
+        return state
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts; 4-bit weights count two per stored byte, as peft does."""
         trainable, total = 0, 0
