@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write_text",
     "check_writable",
     "read_jsonl",
+    "remove_temporaries",
 ]
 
 # mkstemp creates files with mode 0600; a finished file should get the mode a plain open() would
@@ -225,6 +226,35 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except ValueError as exc:
             raise DataError(f"{path}: line {number} is not valid JSON ({exc})") from None
     return records
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers left directly in ``directory``; returns what was removed.
+
+    That is ``.<name>.tmp-*`` files and folders (a write that never reached its rename) and
+    ``check_writable``'s probe files. Call it only where nothing else is writing, such as before a
+    job starts writing its output folder. ``.<name>.old-*`` folders are kept: a kill between the
+    two renames of :func:`atomic_directory` leaves the old folder there and nothing under the name.
+    """
+    d = Path(directory)
+    removed = []
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and (".tmp-" in name or name.startswith(".adaptune-write-test-"))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
 
 
 def _human(n: float) -> str:

@@ -196,6 +196,13 @@ def load_lora_state_dict(tuner, adapter_name: str, tensors: dict[str, torch.Tens
             raise AdapterFileError(f"{source}: tensor {key} has dtype {value.dtype}, expected a float dtype")
         if not torch.isfinite(value).all():
             raise AdapterFileError(f"{source}: tensor {key} holds NaN or inf values")
+    try:
+        _copy_into(tuner, adapter_name, tensors, extra)
+    except AdapterFileError as exc:  # a shape mismatch names the layer; say which file it came from
+        raise AdapterFileError(f"{source}: {exc}") from None
+
+
+def _copy_into(tuner, adapter_name: str, tensors: dict[str, torch.Tensor], extra: dict) -> None:
     with torch.no_grad():
         for name, layer in tuner.lora_layers():
             if adapter_name in layer.specs:
@@ -288,7 +295,8 @@ def read_adapter_tensors(directory: Path, allow_pickle: bool = False) -> dict[st
         if not allow_pickle:
             raise AdapterFileError(
                 f"{bin_path}: pickled adapter weights are not loaded by default, since unpickling can run "
-                f"code. Convert it to safetensors, or pass allow_pickle=True (read with weights_only=True).")
+                f"code. Convert it to safetensors, or pass allow_pickle=True (CLI: --allow-pickle), which reads it "
+                f"with torch.load(weights_only=True)")
         try:
             data = torch.load(str(bin_path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file

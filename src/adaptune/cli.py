@@ -38,18 +38,6 @@ def _add_pickle_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read an adapter stored only as pickled adapter_model.bin (with torch.load(weights_only=True)); "
                         "off by default: only safetensors are read")
-    _add_trust_flag(p)
-
-
-def _add_trust_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run Python code that comes with the model (its own modeling files); off by default")
-
-
-def _add_pickle_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read an adapter stored only as pickled adapter_model.bin (with torch.load(weights_only=True)); "
-                        "off by default: only safetensors are read")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -154,7 +142,6 @@ def _generate_parser(sub) -> None:
     _add_model_flag(p)
     p.add_argument("--adapter", help="adapter folder (peft format); the base defaults to the one it was trained on")
     _add_pickle_flag(p)
-    _add_pickle_flag(p)
     p.add_argument("--prompt", default="Write a few lines in the style of Shakespeare about the sea.")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: when the tokenizer has one)")
@@ -178,7 +165,6 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model or adapter on a data file")
     _add_model_flag(p)
     p.add_argument("--adapter", help="adapter folder")
-    _add_pickle_flag(p)
     _add_pickle_flag(p)
     p.add_argument("--data", help="text or jsonl file (default: the embedded Shakespeare)")
     p.add_argument("--max-length", type=int, default=128)
@@ -207,7 +193,6 @@ def _merge_parser(sub) -> None:
     _add_model_flag(p)
     p.add_argument("--adapter", required=True, help="adapter folder")
     _add_pickle_flag(p)
-    _add_pickle_flag(p)
     p.add_argument("--output", required=True, help="folder to write (loads with AutoModelForCausalLM, no adaptune)")
     p.set_defaults(func=cmd_merge)
 
@@ -229,7 +214,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="list a model's adaptable layers, default targets and parameter counts")
     p.add_argument("model", nargs="?", default=None, help="hub id, local folder or .gguf (default: embedded model)")
-    _add_trust_flag(p)
     _add_trust_flag(p)
     p.add_argument("--r", type=int, default=8, help="rank for the trainable-parameter count")
     p.add_argument("--targets", default=None, help="comma-separated names, a regex, or all-linear")

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +107,13 @@ class PeftConfig:
             )
         kwargs = {k: v for k, v in data.items() if k in names}
         try:
-            return target_cls(**kwargs)
+            config = target_cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+        _check_field_types(config, source)
+        return config
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, subfolder: str | None = None) -> "PeftConfig":
@@ -118,6 +125,67 @@ class PeftConfig:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (read from JSON) fits the type annotation ``hint`` of a config field."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arm) for arm in args)
+    if origin in (list, tuple, set):
+        return isinstance(value, (list, tuple, set)) and all(_conforms(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple, set))
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
+                                               for k, v in value.items())
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _check_field_types(config: "PeftConfig", source: str) -> None:
+    """Every field of a config read from a file holds a value of its declared type (ConfigError).
+
+    The dataclasses accept anything from Python callers; a file is checked field by field, so a
+    wrong type is one line naming the file and the field, not a crash when the adapter is used.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _conforms(value, hints.get(f.name, Any)):
+            raise ConfigError(f"{source}: {f.name} must be {_describe_hint(hints[f.name])}, got {value!r:.80}")
+
+
+_HINT_NAMES = {type(None): ("null", "nulls"), bool: ("true/false", "true/false values"),
+               int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
+
+
+def _describe_hint(hint: Any, plural: bool = False) -> str:
+    """``int | None`` -> 'an integer or null'; ``list[str]`` -> 'a list of strings'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe_hint(a, plural) for a in args))
+    if origin in (list, tuple, set) or hint in (list, tuple, set):
+        inner = f" of {_describe_hint(args[0], plural=True)}" if args else ""
+        return ("lists" if plural else "a list") + inner
+    if origin is dict or hint is dict:
+        inner = f" of {_describe_hint(args[1], plural=True)}" if args else ""
+        return ("objects" if plural else "an object") + inner
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(m.value for m in hint)
+    if hint in _HINT_NAMES:
+        return _HINT_NAMES[hint][plural]
+    return getattr(hint, "__name__", str(hint))
 
 
 # Fields peft writes that carry no information for adaptune when left at these values.

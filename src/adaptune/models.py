@@ -203,13 +203,39 @@ def _describe(name: str | os.PathLike | None) -> str:
     return DEFAULT_MODEL if name is None or str(name).strip().lower() in _DEFAULT_NAMES else str(name)
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a ``from_pretrained`` raises for a bad file or folder (not for a bug in our code)."""
+    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, RuntimeError]
+    try:  # a truncated or corrupt .safetensors file
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    try:  # config.json values of the wrong type (transformers 5 validates configs with it)
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_LOAD_ERRORS = _load_errors()
+
+
 def _load(fn: Callable[..., Any], source: str, extra: dict, what: str,
           label: str, **kwargs: Any) -> Any:
     """Call a transformers ``from_pretrained`` and turn its failures into one clear line."""
     try:
         return fn(source, **extra, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except _LOAD_ERRORS as e:
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        reason = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+        if type(e).__name__ == "SafetensorError":
+            reason = f"a .safetensors file is truncated or corrupt ({reason})"
+        elif "ignore_mismatched_sizes" in reason:
+            reason = "some weights have other shapes than its config.json says (an edited or mismatched checkpoint?)"
         if "trust_remote_code" in str(e):
             raise ConfigError(
                 f"the {what} of {label} runs its own code from the model repository; pass "
@@ -318,7 +344,9 @@ def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM"
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None
                                 else str(dev)}
-    model = _load(auto_cls.from_pretrained, source, extra, "model", label, **kwargs)
+    loaded = _load(auto_cls.from_pretrained, source, extra, "model", label, output_loading_info=True, **kwargs)
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    _check_no_missing_weights(model, info, key, source)
     if "gguf_file" in extra:
         _forget_gguf_quantization(model)
     if quantization_config is None and dev.type != "cpu":
@@ -335,6 +363,23 @@ def _forget_gguf_quantization(model: Any) -> None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
+
+
+def _check_no_missing_weights(model: Any, info: dict, task: str, source: str) -> None:
+    """ConfigError if the checkpoint lacks weights of the model itself; transformers would fill them
+    with random numbers and say so only in a log line. A task head the checkpoint cannot have (a
+    classifier put on a language model) is expected to be new."""
+    missing = sorted((info or {}).get("missing_keys") or [])
+    if not missing:
+        return
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    is_backbone = getattr(model, "base_model", None) is model
+    bad = [k for k in missing if is_backbone or task in ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+           or (prefix and k.startswith(prefix + "."))]
+    if bad:
+        raise ConfigError(
+            f"the weights in {source} lack {len(bad)} tensor(s) the model needs, e.g. {bad[0]} "
+            f"(a truncated or mismatched checkpoint?); transformers would fill them with random numbers")
 
 
 def load_model_and_tokenizer(name: str | os.PathLike | None = None, **kw: Any):

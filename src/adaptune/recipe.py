@@ -63,8 +63,10 @@ class TrainJob:
     sample_tokens: int = 48
     dtype: str | None = None
     logging_steps: int = 5
+    trust_remote_code: bool = False  # run Python files that come with the model; only when asked
 
     def __post_init__(self) -> None:
+        _check_job_types(self)
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.lr is None:
@@ -94,13 +96,39 @@ class TrainJob:
             raise ConfigError(f"{p}: cannot read YAML config ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the YAML config must be a mapping of option names to values")
-        data = {k.replace("-", "_"): v for k, v in data.items()}
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{p}: unknown options {', '.join(unknown)}")
         data.update(overrides)
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+
+
+def _check_job_types(job: TrainJob) -> None:
+    """Each option holds a value of its type (a YAML file can hold anything): ConfigError naming it.
+
+    A number written as a string (YAML 1.1 reads ``1e-3`` as a string) is taken as the number.
+    """
+    import typing
+
+    from .config import _conforms, _describe_hint
+
+    hints = typing.get_type_hints(type(job))
+    for f in dataclasses.fields(job):
+        value, hint = getattr(job, f.name), hints[f.name]
+        if isinstance(value, str) and not _conforms(value, hint) and _conforms(1.5, hint):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+            else:
+                setattr(job, f.name, value)
+        if not _conforms(value, hint):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be {_describe_hint(hint)}, got {value!r:.80}")
 
 
 def adapter_config_for(job: TrainJob, model: torch.nn.Module):
@@ -132,7 +160,7 @@ def load_base(job: TrainJob):
         from .quant import bnb_config
 
         kwargs["quantization_config"] = bnb_config(quantize)
-    model, tokenizer = load_model_and_tokenizer(job.model, **kwargs)
+    model, tokenizer = load_model_and_tokenizer(job.model, trust_remote_code=job.trust_remote_code, **kwargs)
     if quantize:
         from .quant import prepare_model_for_kbit_training
 
