@@ -381,3 +381,52 @@ def test_plain_transformers_trainer_checkpoints_and_resumes_a_tied_model(tmp_pat
     resumed = run(4, resume=str(tmp_path / "out" / "checkpoint-2"))
     for key in full:
         torch.testing.assert_close(full[key], resumed[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task, auto_name, head", [
+    (TaskType.TOKEN_CLS, "BertForTokenClassification", "classifier"),
+    (TaskType.QUESTION_ANS, "BertForQuestionAnswering", "qa_outputs"),
+    (TaskType.FEATURE_EXTRACTION, "BertModel", None),
+])
+def test_other_task_classes_train_and_save_their_heads(task, auto_name, head, tmp_path):
+    import transformers
+    from safetensors.torch import load_file
+
+    from adaptune.model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    def build():
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=160, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+        return getattr(transformers, auto_name)(cfg).eval()
+
+    model = get_peft_model(build(), LoraConfig(r=4, task_type=task))
+    assert type(model) is MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
+    _perturb(model)
+    if head:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if f"{head}.modules_to_save.default" in name:
+                    p.add_(1.0)
+    out = model(input_ids=IDS)
+    first = out[0] if not hasattr(out, "logits") else out.logits
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert any("lora_A" in k for k in keys)
+    assert any(f".{head}." in k for k in keys) == bool(head)
+    loaded = PeftModel.from_pretrained(build(), tmp_path)
+    assert type(loaded) is MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
+    again = loaded(input_ids=IDS)
+    torch.testing.assert_close(again[0] if not hasattr(again, "logits") else again.logits, first, atol=1e-5, rtol=0)
+
+
+def test_loading_onto_another_base_warns_with_both_names(tmp_path):
+    base = tiny_llama()
+    base.config.name_or_path = "org/model-a"
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    other = tiny_llama()
+    other.config.name_or_path = "org/model-b"
+    with pytest.warns(UserWarning, match="model-a.*model-b"):
+        PeftModel.from_pretrained(other, tmp_path)
