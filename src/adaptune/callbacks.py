@@ -166,6 +166,13 @@ def plot_losses(records: list[dict], path: str | Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+def _trainable_finite(model) -> bool:
+    import torch
+
+    flags = [torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 class DivergenceGuard(TrainerCallback):
     """Stop training at the first NaN/inf training loss, without writing a checkpoint after it.
 
@@ -180,6 +187,7 @@ class DivergenceGuard(TrainerCallback):
         self.stats = stats
         self.bad_step: int | None = None
         self.bad_loss: float | None = None
+        self.bad_weights = False  # the loss was finite but the update made weights NaN/inf
         self._learning_rate: float | None = None
         self._fp16 = False
 
@@ -194,7 +202,8 @@ class DivergenceGuard(TrainerCallback):
         hint = "a lower learning rate" + (f" than {self._learning_rate:g}" if self._learning_rate else "")
         if self._fp16:
             hint += ", or bf16/fp32 instead of fp16"
-        return (f"training diverged: the training loss became {self.bad_loss} at step {self.bad_step}; "
+        what = "the trained weights became NaN/inf" if self.bad_weights else f"the training loss became {self.bad_loss}"
+        return (f"training diverged: {what} at step {self.bad_step}; "
                 f"training stopped and no checkpoint was written after that step; try {hint}")
 
     def _found(self, args, loss: float, step: int) -> None:
@@ -213,6 +222,7 @@ class DivergenceGuard(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.bad_step = self.bad_loss = None
+        self.bad_weights = False
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._check(args, state, control)
@@ -224,7 +234,12 @@ class DivergenceGuard(TrainerCallback):
                 if p.grad is not None:
                     p.grad.zero_()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # A finite loss can still give an update that overflows the weights (the loss is computed
+        # before the update): look at the trainable weights before this step can be checkpointed.
+        if not self.diverged and model is not None and not _trainable_finite(model):
+            self.bad_weights = True
+            self._found(args, float("nan"), step=state.global_step)
         self._check(args, state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):

@@ -300,11 +300,23 @@ def read_adapter_tensors(directory: Path, allow_pickle: bool = False) -> dict[st
         try:
             data = torch.load(str(bin_path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise AdapterFileError(f"{bin_path}: cannot be read safely ({exc})") from None
+            raise AdapterFileError(f"{bin_path}: cannot be read safely ({_unpickling_problem(exc)})") from None
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise AdapterFileError(f"{bin_path}: expected a dict of tensors")
         return data
     raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME} in this folder")
+
+
+def _unpickling_problem(exc: Exception) -> str:
+    """One line from torch.load's error. Its weights_only refusal is a page of text that ends by
+    suggesting weights_only=False, which is exactly what must not be done with this file."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        lines = [line.strip() for line in text.splitlines()[1:]
+                 if line.strip() and not line.strip().startswith("Check the documentation")]
+        detail = " ".join(lines).split("WeightsUnpickler error:", 1)[-1].strip()
+        return f"torch.load(weights_only=True) refused it: {detail or 'it is not plain tensors'}"
+    return (text.splitlines() or [type(exc).__name__])[0]
 
 
 def write_adapter_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -297,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error as one line, whatever a library put into the text it wraps."""
+    return " ".join(part.strip() for part in str(exc).strip().splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -308,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except AdaptuneError as exc:
             if debug:
                 raise
-            print(f"adaptune: error: {exc}", file=sys.stderr)
+            print(f"adaptune: error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("adaptune: interrupted", file=sys.stderr)

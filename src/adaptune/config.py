@@ -124,6 +124,8 @@ class PeftConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise AdapterFileError(f"{path}: not valid JSON (nested too deeply)") from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -165,7 +165,7 @@ def _json_rows(path: Path, text: str, report: DataReport) -> list[tuple[int, Any
     if path.suffix.lower() == ".json":
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             whole = None  # not one document: read it as JSON lines below
         if isinstance(whole, list):
             report.line_unit = "item"
@@ -180,6 +180,8 @@ def _json_rows(path: Path, text: str, report: DataReport) -> list[tuple[int, Any
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError:
             rows.append((number, _BadRow("invalid JSON")))
+        except RecursionError:
+            rows.append((number, _BadRow("JSON nested too deeply")))
     return rows
 
 
@@ -281,6 +283,16 @@ def _with_eos(ids: list[int], eos: int | None) -> list[int]:
 # --------------------------------------------------------------------------- row builders
 
 
+def _is_unicode(text: str) -> bool:
+    """False for a string with a lone UTF-16 surrogate (JSON's "\\ud800" escape allows one); no
+    tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _field(row: dict, name: str, *, required: bool = True, allow_empty: bool = False) -> str:
     """A string field of a row, or _BadRow saying what is wrong with it."""
     if name not in row or row[name] is None:
@@ -290,6 +302,8 @@ def _field(row: dict, name: str, *, required: bool = True, allow_empty: bool = F
     value = row[name]
     if not isinstance(value, str):
         raise _BadRow(f"'{name}' is not a string")
+    if not _is_unicode(value):
+        raise _BadRow(f"'{name}' holds a lone surrogate escape (\\ud800-\\udfff), not text")
     if not allow_empty and not value.strip():
         raise _BadRow(f"empty '{name}'")
     return value
@@ -337,6 +351,8 @@ def _messages(row: dict) -> list[dict]:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str)):
             raise _BadRow("a message is not {role: str, content: str}")
+        if not (_is_unicode(m["role"]) and _is_unicode(m["content"])):
+            raise _BadRow("a message holds a lone surrogate escape (\\ud800-\\udfff), not text")
     if not any(m["role"] == "assistant" for m in messages):
         raise _BadRow("no assistant turn")
     return messages

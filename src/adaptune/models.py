@@ -24,6 +24,7 @@ import logging
 import os
 import pathlib
 import re
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -376,10 +377,18 @@ def _check_no_missing_weights(model: Any, info: dict, task: str, source: str) ->
     is_backbone = getattr(model, "base_model", None) is model
     bad = [k for k in missing if is_backbone or task in ("CAUSAL_LM", "SEQ_2_SEQ_LM")
            or (prefix and k.startswith(prefix + "."))]
-    if bad:
-        raise ConfigError(
-            f"the weights in {source} lack {len(bad)} tensor(s) the model needs, e.g. {bad[0]} "
-            f"(a truncated or mismatched checkpoint?); transformers would fill them with random numbers")
+    if not bad:
+        return
+    message = (f"the weights in {source} lack {len(bad)} tensor(s) the model needs, e.g. {bad[0]} "
+               f"(a truncated or mismatched checkpoint?); transformers would fill them with random numbers")
+    own_class = type(model).__name__ in (getattr(model.config, "architectures", None) or [])
+    if own_class or task in ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"):
+        raise ConfigError(message)
+    # a task head on another architecture's checkpoint whose weights transformers does not map
+    # (e.g. LlamaForQuestionAnswering keeps its layers under "transformer.", a causal LM under
+    # "model.": transformers issue #30381): loud, but the caller asked for this class
+    warnings.warn(message, stacklevel=3)
+    logger.warning(message)
 
 
 def load_model_and_tokenizer(name: str | os.PathLike | None = None, **kw: Any):

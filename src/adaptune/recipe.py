@@ -92,8 +92,13 @@ class TrainJob:
         p = Path(path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{p}: cannot read YAML config ({exc})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+            raise ConfigError(f"{p}: cannot read YAML config ({problem}{where})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the YAML config must be a mapping of option names to values")
         data = {str(k).replace("-", "_"): v for k, v in data.items()}
