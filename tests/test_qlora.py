@@ -168,6 +168,21 @@ def test_prepare_model_for_kbit_training(folder):
     assert emb.requires_grad  # frozen embeddings still pass gradients under checkpointing
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_prepare_releases_the_mapped_checkpoint(tmp_path):
+    import gc
+
+    tiny_llama(**SIZES).save_pretrained(tmp_path)
+    mapped = lambda: any(str(tmp_path) in line for line in open("/proc/self/maps"))  # noqa: E731
+    model = load4(tmp_path)
+    gc.collect()
+    assert mapped()  # the fp32 embeddings and norms are views of the mapped file
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    gc.collect()
+    assert not mapped()
+    assert model.lm_head.weight is model.model.embed_tokens.weight or not model.config.tie_word_embeddings
+
+
 def test_one_optimizer_step_updates_only_lora_params(folder):
     model = get_peft_model(prepare_model_for_kbit_training(load4(folder)),
                            LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
@@ -267,6 +282,27 @@ def test_merge_and_unload_gives_a_plain_float_model(folder, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers, no adaptune layers
     assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear"
     assert torch.equal(logits(reloaded, x), got)
+
+
+def test_dora_on_4bit_matches_peft_and_merges(folder, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = get_peft_model(load4(folder), LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
+    x = ids()
+    base = load4(folder)
+    keep_trainable_layout(base)
+    assert torch.allclose(logits(model.eval(), x), logits(base, x), atol=1e-6)  # fresh DoRA: a no-op
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    expected = logits(model.eval(), x)
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    assert torch.allclose(logits(theirs, x), expected, atol=1e-5)
+    with pytest.warns(UserWarning, match="dequantizes"):
+        merged = model.merge_and_unload()
+    assert torch.allclose(logits(merged, x), expected, atol=1e-4)
 
 
 def test_int8_base_lora_forward_and_merge(folder):

