@@ -302,6 +302,7 @@ def _check_files_whole(out: Path, torn_before: dict[int, int], temps_before: lis
     """Every file under its final name reads whole; returns notes on what the kill left behind
     (a torn checkpoint counts if this run tore it: new, or written into since the run started)."""
     from adaptune.atomic import read_jsonl
+    from adaptune.recipe import _last_checkpoint
     from adaptune.trainer import last_complete_checkpoint
 
     notes = []
@@ -315,12 +316,18 @@ def _check_files_whole(out: Path, torn_before: dict[int, int], temps_before: lis
     if (out / "loss.png").exists():
         assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for n, folder in sorted(_checkpoints(out).items()):
-        if _checkpoint_complete(folder):
-            load_file(folder / WEIGHTS)
-            json.loads((folder / "adapter_config.json").read_text())
-            assert (folder / "optimizer.pt").stat().st_size > 0
-        elif torn_before.get(n) != folder.stat().st_mtime_ns:
-            notes.append(f"checkpoint-{n} torn")
+        if not _checkpoint_complete(folder):
+            if torn_before.get(n) != folder.stat().st_mtime_ns:
+                notes.append(f"checkpoint-{n} torn")
+        elif not (folder / WEIGHTS).exists():  # killed while transformers deleted an old checkpoint
+            notes.append(f"checkpoint-{n} half-deleted by rotation")
+    # the checkpoint --resume picks reads back whole
+    picked = _last_checkpoint(out, say=lambda line: None)
+    if picked is not None:
+        picked = Path(picked)
+        load_file(picked / WEIGHTS)
+        json.loads((picked / "adapter_config.json").read_text())
+        torch.load(picked / "optimizer.pt", weights_only=True)
     last = last_complete_checkpoint(out)
     assert last is None or _checkpoint_complete(Path(last))
     temps = sorted(set(_temps(out)) - set(temps_before))
@@ -405,6 +412,8 @@ def run_kill_campaigns(root: Path, zygote: Zygote, plan: list[str], steps: int, 
                     phase = run.phase()
                     if phase == "training" and any("torn" in n for n in notes):
                         phase = "checkpoint write"
+                    elif phase == "training" and any("rotation" in n for n in notes):
+                        phase = "checkpoint rotation"
                     stats.kills.append({"anchor": anchor, "phase": phase, "at_s": round(time.monotonic() - run.started, 2),
                                         "checkpoint": f"{step_before}->{_last_step(out)}", "notes": notes})
                     attempt += 1

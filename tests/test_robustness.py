@@ -581,3 +581,32 @@ def test_adaptune_error_is_the_one_base_class():
     from adaptune.callbacks import TrainingDiverged
 
     assert issubclass(TrainingDiverged, AdaptuneError)
+
+
+# ---- a corrupt checkpoint is skipped on --resume -------------------------------------------------
+def _truncate_optimizer(folder: Path) -> None:
+    optimizer = folder / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage, said", [
+    (_truncate_optimizer, "optimizer.pt is"),
+    # a kill while transformers deletes an old checkpoint (rotation) can leave trainer_state.json
+    # without the weights; here the newest one is damaged so the resume must fall back
+    (lambda folder: (folder / WEIGHTS).unlink(), "it holds no weights file"),
+], ids=["corrupt optimizer.pt", "weights deleted"])
+def test_resume_skips_a_damaged_checkpoint_and_still_matches(damage, said, model_dir, text_file, tmp_path, capsys):
+    common = ["train", "--model", model_dir, "--data", text_file, "--max-steps", "6", "--save-every", "2",
+              "--max-length", "32", "--batch-size", "4", "--lr", "0.01", "--dropout", "0", "--seed", "3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _run(capsys, common + ["--output", full])[0] == 0
+    assert _run(capsys, common + ["--output", cut])[0] == 0
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    (cut / WEIGHTS).unlink()  # as if killed before the final save, with checkpoint-6 damaged
+    damage(cut / "checkpoint-6")
+    code, out, err = _run(capsys, common + ["--output", cut, "--resume"])
+    assert code == 0, err
+    assert f"--resume: skipping {cut / 'checkpoint-6'}: {said}" in out, out
+    a, b = load_file(full / WEIGHTS), load_file(cut / WEIGHTS)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)

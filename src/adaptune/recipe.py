@@ -277,7 +277,7 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     trainer_class = _encoder_checkpoint_trainer() if _reparameterised(peft_model) else Trainer
     trainer = trainer_class(model=peft_model, args=args, train_dataset=train, eval_dataset=val or None,
                             data_collator=collator, processing_class=tokenizer)
-    checkpoint = _last_checkpoint(out) if job.resume else None
+    checkpoint = _last_checkpoint(out, say) if job.resume else None
     if job.resume and checkpoint is None:
         say(f"--resume: no complete checkpoint in {out}; training from the start")
     finished = _finished_state(checkpoint, job) if checkpoint else None
@@ -317,11 +317,57 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     return result
 
 
-def _last_checkpoint(out: Path) -> str | None:
-    """The newest completely written checkpoint-N in ``out`` (a torn one is skipped), or None."""
-    from .trainer import last_complete_checkpoint
+def _last_checkpoint(out: Path, say: Callable[[str], None] = _say) -> str | None:
+    """The newest checkpoint-N in ``out`` that was written completely (its trainer_state.json, which
+    transformers writes last, reads whole) and whose files read back (safetensors headers, torch zip
+    checksums; nothing is unpickled). A torn or corrupt checkpoint is skipped with a line saying why."""
+    if not out.is_dir():
+        return None
+    steps = [(int(c.name.partition("-")[2]), c) for c in out.iterdir()
+             if c.name.partition("-")[0] == "checkpoint" and c.name.partition("-")[2].isdigit() and c.is_dir()]
+    for _, folder in sorted(steps, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            say(f"--resume: skipping {folder}: it was not completely written")
+            continue
+        problem = _checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        say(f"--resume: skipping {folder}: {problem}")
+    return None
 
-    return last_complete_checkpoint(out)
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint's files cannot be resumed from, or None. Reads headers and zip checksums only."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    names = {p.name for p in folder.iterdir()}
+    weights = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+    if not names & set(weights):  # e.g. a kill while transformers deleted an old checkpoint
+        return "it holds no weights file (adapter_model.safetensors or model.safetensors)"
+    for required in ("optimizer.pt", "scheduler.pt"):
+        if required not in names:
+            return f"it has no {required}"
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):  # a temporary file a kill left: not part of the checkpoint
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            elif path.suffix in (".pt", ".pth"):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{path.name} is corrupt (bad checksum in {bad})"
+        except zipfile.BadZipFile as exc:
+            return f"{path.name} is not a whole torch archive ({exc})"
+        except Exception as exc:  # noqa: BLE001 - safetensors / OS errors: the file is unusable
+            return f"{path.name} cannot be read ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
+    return None
 
 
 def _finished_state(checkpoint: str, job: TrainJob) -> dict | None:
