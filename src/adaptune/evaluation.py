@@ -20,7 +20,9 @@ def perplexity(model: torch.nn.Module, features: Sequence[dict], collate: Callab
         for start in range(0, len(features), batch_size):
             batch = {k: v.to(device) for k, v in collate(list(features[start:start + batch_size])).items()}
             labels = batch.pop("labels")
-            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+            logits = model(**batch, use_cache=False).logits
+            # prompt tuning / P-tuning return logits for their virtual tokens first: keep the input's
+            logits = logits[:, logits.shape[1] - labels.shape[1]:-1].float()
             targets = labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                      ignore_index=-100, reduction="sum")
