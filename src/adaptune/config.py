@@ -28,7 +28,17 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_VERSION = "0.17.0"  # the peft format revision our files follow (written as peft_version)
 
 
-class TaskType(str, enum.Enum):
+class _ValueEnum(str, enum.Enum):
+    """Prints as its value (``LORA``, not ``PeftType.LORA``) in messages and f-strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class TaskType(_ValueEnum):
     CAUSAL_LM = "CAUSAL_LM"
     SEQ_CLS = "SEQ_CLS"
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
@@ -37,7 +47,7 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
-class PeftType(str, enum.Enum):
+class PeftType(_ValueEnum):
     LORA = "LORA"
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
@@ -321,7 +331,7 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
 
 
-class PromptTuningInit(str, enum.Enum):
+class PromptTuningInit(_ValueEnum):
     TEXT = "TEXT"
     RANDOM = "RANDOM"
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
