@@ -349,21 +349,15 @@ def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM"
     model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     _check_no_missing_weights(model, info, key, source)
     if "gguf_file" in extra:
-        _forget_gguf_quantization(model)
+        # transformers dequantizes GGUF weights into ordinary float layers but keeps a "gguf"
+        # quantizer on the model (its Trainer then refuses full fine-tuning, save_pretrained
+        # writes a quantization_config): the weights are plain floats, so drop the marker.
+        from .quant import forget_quantization
+
+        forget_quantization(model)
     if quantization_config is None and dev.type != "cpu":
         model = model.to(dev)
     return model
-
-
-def _forget_gguf_quantization(model: Any) -> None:
-    """transformers dequantizes GGUF weights into ordinary float layers but keeps a "gguf"
-    quantizer on the model, so its Trainer would refuse full fine-tuning and ``save_pretrained``
-    would write a quantization_config. The weights are plain floats: say so."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "quantization_config"):
-        del config.quantization_config
 
 
 def _check_no_missing_weights(model: Any, info: dict, task: str, source: str) -> None:
