@@ -261,9 +261,11 @@ class LoraLayer(nn.Module):
         if spec.use_dora:
             return self._dora_out(x, xd, name, base_out)
         hidden = lora_a(xd)
+        if spec.scaling != 1:  # scale the r-wide hidden, not the out-wide result (and its gradient)
+            hidden = hidden * spec.scaling
         if not spec.slices:
-            return lora_b(hidden) * spec.scaling
-        return self._sliced_out(hidden, name, spec) * spec.scaling
+            return lora_b(hidden)
+        return self._sliced_out(hidden, name, spec)
 
     def _sliced_out(self, hidden: torch.Tensor, name: str, spec: AdapterSpec) -> torch.Tensor:
         """Per-slice B blocks placed into their output rows; untouched rows get zeros."""

@@ -14,6 +14,10 @@ and resume machinery, and change only what makes a classic script break or waste
 - Default callbacks: a progress bar with loss and tokens/s, ``metrics.jsonl`` + ``loss.png``,
   and a NaN/inf guard (see :mod:`adaptune.callbacks`).
 - The output folder is checked for write access and free space before anything else.
+- Causal LMs train without the full logits tensor: ``chunked_loss`` (on by default) runs the output
+  head and the loss only at labelled positions, a chunk of rows at a time (:mod:`adaptune.loss`),
+  for the same loss and gradients. ``micro_batch_tokens`` runs each batch in row groups (same
+  gradients, less activation memory); ``compile_layers`` compiles each decoder layer.
 
 Defaults that differ from transformers: ``report_to="none"``; ``remove_unused_columns`` is off when
 you pass your own ``data_collator`` (it may need columns the model's forward does not take) and on
@@ -108,6 +112,29 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     dataloader_pin_memory: bool | None = field(
         default=None, metadata={"help": "Pin dataloader memory; None (default): only when a GPU is used."}
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={"help": "Causal LMs: run the output head and the loss only at positions that have a label, "
+                          "loss_chunk_rows at a time, never holding all tokens x vocabulary logits "
+                          "(adaptune.loss). Same loss and gradients; models where that cannot be checked "
+                          "use their own loss."},
+    )
+    loss_chunk_rows: int = field(
+        default=256, metadata={"help": "Rows of logits made at a time by chunked_loss."}
+    )
+    micro_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Run each batch as forward+backward passes over row groups of at most this many "
+                          "tokens (at least one row). The gradients are the batch's own (the loss is "
+                          "normalised over the whole batch); peak activation memory shrinks with the group. "
+                          "None: the whole batch at once."},
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer (regional compilation: one compile serves all "
+                          "layers), keeping chunked_loss. transformers' own torch_compile compiles the whole "
+                          "model instead and turns chunked_loss off."},
     )
 
     def __post_init__(self):
@@ -340,6 +367,7 @@ class Trainer(transformers.Trainer):
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
+        self._compile_layers()
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         guard = self.divergence_guard
@@ -352,9 +380,96 @@ class Trainer(transformers.Trainer):
         ids, labels = inputs.get("input_ids"), inputs.get("labels")
         tokens = ids.numel() if isinstance(ids, torch.Tensor) else 0
         useful = int((labels != -100).sum()) if isinstance(labels, torch.Tensor) else tokens
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        pieces = self._micro_batches(inputs, num_items_in_batch)
+        if pieces is None:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        else:  # each piece's loss is its CE sum / the whole batch's label count: the pieces add up
+            loss = sum(super(Trainer, self).training_step(model, piece, num_items_in_batch) for piece in pieces)
         self.step_stats.record(float(loss), tokens, useful)
         return loss
+
+    def _micro_batches(self, inputs: dict[str, Any], num_items_in_batch: Any) -> list[dict[str, Any]] | None:
+        """``inputs`` cut into row groups of at most ``args.micro_batch_tokens`` tokens, or None to run
+        the batch whole (no limit, a batch within it, or a loss that would not add up over pieces)."""
+        limit = getattr(self.args, "micro_batch_tokens", None)
+        ids = inputs.get("input_ids")
+        if not limit or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return None
+        n = ids.shape[0]
+        rows = max(1, int(limit) // max(ids.shape[1], 1))
+        if rows >= n:
+            return None
+        # Only when each piece's loss is a sum over the *whole batch's* label count (num_items_in_batch);
+        # a per-piece mean would weigh the pieces wrongly.
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+        if num_items_in_batch is None or not scaled or self.args.world_size > 1 or self.args.n_gpu > 1 \
+                or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        if any(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n for v in inputs.values()):
+            return None
+        return [{k: v[start:start + rows] for k, v in inputs.items()} for start in range(0, n, rows)]
+
+    # ---- loss ----------------------------------------------------------------------------------
+
+    def _chunked_loss_applies(self, model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
+        """Whether adaptune.loss computes exactly the loss transformers would for this batch."""
+        from adaptune.loss import BODY_KEYS, supports_chunked_loss
+
+        if not getattr(self.args, "chunked_loss", False) or "labels" not in inputs:
+            return False
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return False
+        if not set(inputs) <= BODY_KEYS | {"labels", "shift_labels"}:
+            return False
+        if self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model:
+            return False  # DDP / a whole-model compile wrapper: run it, not around it
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
+            return False
+        return supports_chunked_loss(model)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None):
+        """transformers' loss; for causal LMs (``args.chunked_loss``) computed without full logits."""
+        if return_outputs or not self._chunked_loss_applies(model, inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from adaptune.loss import causal_lm_loss
+
+        # As transformers: the model sees num_items_in_batch only when its forward takes loss kwargs.
+        num = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, _ = causal_lm_loss(model, inputs, num, chunk_rows=self.args.loss_chunk_rows)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num is not None:
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """Evaluation without compute_metrics needs only the loss: the chunked one, no logits kept."""
+        if not (prediction_loss_only and self._chunked_loss_applies(model, inputs)):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            num = self._get_num_items_in_batch([inputs], self.args.device)
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num)
+        return loss.detach().mean(), None, None
+
+    def _compile_layers(self) -> None:
+        """``args.compile_layers``: torch.compile each decoder layer once (all share one graph)."""
+        if not getattr(self.args, "compile_layers", False) or getattr(self, "_layers_compiled", False):
+            return
+        from adaptune.loss import causal_lm_parts
+
+        parts = causal_lm_parts(self.model)
+        layers = getattr(parts[1], "layers", None) if parts is not None else None
+        if not isinstance(layers, torch.nn.ModuleList):
+            _warn("compile_layers: no decoder layer list found in this model; running it uncompiled")
+            return
+        for layer in layers:
+            layer.compile()
+        self._layers_compiled = True
 
     # ---- saving and loading adapters ---------------------------------------------------------
 

@@ -1,0 +1,224 @@
+"""Causal-LM loss without the full logits tensor: output head + cross-entropy only where labels
+are set, a chunk of rows at a time.
+
+A causal LM computes ``logits = lm_head(body(inputs))`` for *every* position (tokens x vocabulary,
+fp32: 1024 tokens x 49,152 = 200 MB, then as much again for log-softmax and its gradient) and then
+drops the positions whose next label is -100 (padding, prompts, the first token of each packed
+example). :func:`causal_lm_loss` runs the body to hidden states instead, keeps only the positions
+that have a label, and runs the head + cross-entropy on ``chunk_rows`` of them at a time:
+
+- a frozen ``nn.Linear`` head (LoRA, prompt methods, tied embeddings): a fused autograd function
+  computes each chunk's loss *and* its gradient with respect to the hidden states in the forward
+  pass (``(softmax - onehot) @ W``), keeps that small (rows x hidden) gradient and frees the
+  logits. No logits are kept for backward and none are recomputed, so the FLOPs are those of the
+  plain path and the memory is one chunk of logits.
+- any other head (trainable weights, a LoRA-wrapped or ``modules_to_save`` head): each chunk runs
+  under ``torch.utils.checkpoint``, so its logits are recomputed in backward instead of kept.
+
+The loss is transformers' ``ForCausalLMLoss``: the sum of token cross-entropies divided by
+``num_items_in_batch`` when given (how ``Trainer`` normalises over gradient accumulation), else by
+the number of label tokens. Which models qualify is checked once per model
+(:func:`supports_chunked_loss`): a decoder-only causal LM whose logits are exactly
+``head(base_model(...).last_hidden_state)``, verified numerically on a short probe, so models that
+scale or soft-cap logits (Gemma 2, Cohere, Granite...) fall back to the plain path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_ROWS = 256  # 256 x 49,152 fp32 logits = 50 MB at a time for SmolLM2
+
+# Batch keys the body takes the same way the full model does; anything else -> plain path.
+BODY_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids"})
+
+__all__ = ["DEFAULT_CHUNK_ROWS", "causal_lm_loss", "causal_lm_parts", "linear_cross_entropy",
+           "supports_chunked_loss"]
+
+
+# ---- the head + cross-entropy --------------------------------------------------------------------
+
+
+class _FrozenLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W.T + b, target_i) for a frozen W, b; grad w.r.t. hidden made in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk_rows: int, want_grad: bool) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows]
+            t = targets[start:start + chunk_rows]
+            logits = F.linear(h, weight, bias).float()  # as transformers: head in model dtype, loss in fp32
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                torch.matmul(probs.to(weight.dtype), weight, out=grad[start:start + chunk_rows])
+            del logits
+        ctx.save_for_backward(grad if want_grad else hidden.new_empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None
+
+
+def _chunk_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _head_is_frozen_linear(head: nn.Module) -> bool:
+    return type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                         chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """``F.cross_entropy(head(hidden).float(), targets, reduction="sum")`` for (n, d) hidden rows,
+    ``chunk_rows`` rows at a time; the same value and gradients, without all n x vocab logits."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph (and the grad) well formed
+    chunk_rows = max(int(chunk_rows), 1)
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    if _head_is_frozen_linear(head) and not autocast:
+        return _FrozenLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows, want_grad)
+    trainable_head = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
+    total = None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        if want_grad or trainable_head:
+            part = torch.utils.checkpoint.checkpoint(_chunk_ce_sum, head, h, t, use_reentrant=False)
+        else:
+            part = _chunk_ce_sum(head, h, t)
+        total = part if total is None else total + part
+    return total
+
+
+# ---- which models -----------------------------------------------------------------------------------
+
+
+def _transformers_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model inside an adapter wrapper (LoRA-style only), or the model itself."""
+    import transformers
+
+    if isinstance(model, transformers.PreTrainedModel):
+        return model
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+        if getattr(model, "_is_prompt_learning", False):
+            return None  # virtual tokens are added in the wrapper's forward
+        config = getattr(model, "active_peft_config", None)
+        if config is None and isinstance(model.peft_config, dict):
+            active = getattr(model, "active_adapter", "default")
+            active = active[0] if isinstance(active, (list, tuple)) else active
+            config = model.peft_config.get(active)
+        if config is None or getattr(config, "is_prompt_learning", False):
+            return None
+        base = model.get_base_model()
+        return base if isinstance(base, transformers.PreTrainedModel) else None
+    return None
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """``(transformers model, body, head)`` when the model looks like body -> head, else None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = _transformers_model(model)
+    if base is None:
+        return None
+    config = getattr(base, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    if type(base).__name__ not in names:
+        return None
+    body = getattr(base, "base_model", None)
+    head = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
+    if body is None or body is base or head is None:
+        return None
+    # Known logit transforms (the probe below would catch them too): no need to run it for these.
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return None
+    return base, body, head
+
+
+def _probe_matches(base: nn.Module, body: nn.Module, head: nn.Module) -> bool:
+    """Whether head(body(x)) gives the model's own logits on a short input (checked once)."""
+    was_training = base.training
+    try:
+        param = next(base.parameters())
+        vocab = base.get_input_embeddings().num_embeddings
+        ids = (torch.arange(1, 7, device=param.device) * 7919 % max(vocab - 1, 1) + 1)[None]
+        base.eval()
+        with torch.no_grad():
+            ref = base(input_ids=ids, use_cache=False).logits.float()
+            hidden = body(input_ids=ids, use_cache=False)[0]
+            got = head(hidden).float()
+    except Exception:  # noqa: BLE001 - any failure means "not the simple layout"
+        return False
+    finally:
+        base.train(was_training)
+    tol = (1e-4 if param.dtype == torch.float32 else 2e-2) * max(1.0, ref.abs().max().item())
+    return got.shape == ref.shape and bool((got - ref).abs().max() <= tol)
+
+
+def supports_chunked_loss(model: nn.Module) -> bool:
+    """Whether :func:`causal_lm_loss` computes this model's own loss (probed once per model)."""
+    parts = causal_lm_parts(model)
+    if parts is None:
+        return False
+    base, body, head = parts
+    cached = base.__dict__.get("_adaptune_chunked_loss")
+    key = (id(body), id(head))
+    if cached is None or cached[0] != key:
+        cached = (key, _probe_matches(base, body, head))
+        base.__dict__["_adaptune_chunked_loss"] = cached
+    return cached[1]
+
+
+# ---- the loss -----------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None,
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[torch.Tensor, int]:
+    """The causal-LM loss of ``model`` on ``inputs`` (with ``labels``), as transformers computes it.
+
+    Returns ``(loss, label_tokens)``: loss = sum of CE over positions whose next label is not -100,
+    divided by ``num_items_in_batch`` if given, else by their count (NaN for none, as transformers).
+    Call :func:`supports_chunked_loss` first; batch keys other than ``labels``, ``shift_labels`` and
+    the body's inputs raise ``ValueError``.
+    """
+    parts = causal_lm_parts(model)
+    if parts is None:
+        raise ValueError("this model is not a plain body -> head causal LM")
+    _, body, head = parts
+    unknown = set(inputs) - BODY_KEYS - {"labels", "shift_labels"}
+    if unknown:
+        raise ValueError(f"batch keys the chunked loss does not handle: {sorted(unknown)}")
+    body_inputs = {k: v for k, v in inputs.items() if k in BODY_KEYS}
+    hidden = body(**body_inputs, use_cache=False)[0]
+    shift = inputs.get("shift_labels")
+    if shift is None:  # position i predicts label i + 1; the last position predicts nothing
+        shift = F.pad(inputs["labels"][..., 1:], (0, 1), value=IGNORE_INDEX)
+    keep = shift != IGNORE_INDEX
+    targets = shift[keep]
+    rows = hidden[keep]
+    total = linear_cross_entropy(rows, head, targets.to(rows.device), chunk_rows)
+    count = int(targets.numel())
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch, count
+    return total / count, count  # 0 / 0 = NaN for a batch without labels, as transformers
