@@ -235,20 +235,24 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
 @quiet
 def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
     model = peft_gpt2()
-    calls = {"n": 0}
+    at = {"step": 0}
 
-    def poison(module, inputs, output):  # the 5th training batch gives a NaN loss
-        calls["n"] += 1
-        return output * float("nan") if calls["n"] == 5 else output
+    class TrackStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            at["step"] = state.global_step + 1
 
-    model.get_base_model().lm_head.register_forward_hook(poison)
+    def poison(module, inputs, output):  # every forward of the 5th training step gives NaN
+        return output * float("nan") if at["step"] == 5 else output
+
+    # the final norm, not lm_head: the chunked loss applies the head's weight without calling it
+    model.get_base_model().transformer.ln_f.register_forward_hook(poison)
     ids, mask = token_rows(40)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4,
                              save_steps=2, logging_steps=1, learning_rate=1e-3)
-    trainer = Trainer(model=model, args=args, train_dataset=TensorDataset(ids, mask))
+    trainer = Trainer(model=model, args=args, train_dataset=TensorDataset(ids, mask), callbacks=[TrackStep()])
     with pytest.raises(TrainingDiverged, match=r"nan at step 5.*checkpoint-4"):
         trainer.train()
-    assert calls["n"] == 5  # stopped right there
+    assert at["step"] == 5  # stopped right there
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert all(torch.isfinite(w).all() for w in lora_weights(model).values())  # the bad batch was not applied
     assert (tmp_path / "loss.png").exists()
