@@ -109,7 +109,8 @@ def _train_parser(sub) -> None:
                    help="loss on prompts too, not only answers (default off)")
     p.add_argument("--val-fraction", type=float, help=f"validation share (default {d.val_fraction})")
     p.add_argument("--max-examples", type=int, help="use only the first N examples")
-    p.add_argument("--eval-every", type=int, help="validation loss every N steps (default: before/after only)")
+    p.add_argument("--eval-every", type=int, help=f"validation loss every N steps, plotted in loss.png; 0 = only "
+                                                  f"perplexity before/after (default {d.eval_every})")
     p.add_argument("--save-every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
     p.add_argument("--logging-steps", type=int, help=f"log the training loss every N steps (default {d.logging_steps})")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")

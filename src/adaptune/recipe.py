@@ -54,7 +54,7 @@ class TrainJob:
     train_on_prompt: bool = False
     val_fraction: float = 0.02
     max_examples: int | None = None
-    eval_every: int = 0  # steps; 0 = only before and after
+    eval_every: int = 30  # validation loss every N steps (plotted in loss.png); 0 = only before and after
     save_every: int = 20
     seed: int = 0
     resume: bool = False
