@@ -55,3 +55,12 @@ def t5():
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A saved tiny Llama + tokenizer folder, for the CLI; tests that change it work on a copy."""
+    path = tmp_path_factory.mktemp("tinyllama")
+    tiny_llama().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from adaptune.cli import main
-from tests.tiny import WORDS, make_tokenizer, tiny_gpt2, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny_llama().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
+from tests.tiny import tiny_gpt2, write_words_file
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "words.txt"
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(200)]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_words_file(tmp_path_factory.mktemp("data") / "words.txt", 200)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ tensor for the prompt methods), the trainable-parameter line the method implies,
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from adaptune.cli import main
-from tests.tiny import WORDS, make_tokenizer, tiny_llama
+from tests.tiny import tiny_llama, write_words_file
 
 HIDDEN, LAYERS, KV_HEADS, HEAD_DIM = 32, 2, 2, 8  # tiny_llama()
 NVT = 4
@@ -35,20 +34,8 @@ PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny_llama().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "words.txt"
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(120)]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_words_file(tmp_path_factory.mktemp("data") / "words.txt", 120)
 
 
 def _train(model_dir, text_file, out, method, *extra):

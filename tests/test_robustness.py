@@ -26,20 +26,12 @@ import adaptune
 from adaptune import LoraConfig, get_peft_model
 from adaptune.cli import main
 from adaptune.errors import AdapterFileError, AdaptuneError
-from tests.tiny import WORDS, make_tokenizer, tiny_llama
+from tests.tiny import WORDS, tiny_llama, write_words_file
 
 MARKER_ENV = "ADAPTUNE_TEST_MARKER"
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny_llama().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def good_adapter(tmp_path_factory):
     path = tmp_path_factory.mktemp("adapter")
@@ -56,13 +48,7 @@ def good_adapter(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "words.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(60)),
-                    encoding="utf-8")
-    return path
+    return write_words_file(tmp_path_factory.mktemp("data") / "words.txt", 60)
 
 
 def _run(capsys, argv: list) -> tuple[int, str, str]:

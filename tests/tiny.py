@@ -84,3 +84,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
     )
     return tok
+
+
+def write_words_file(path, n_lines: int, seed: int = 0):
+    """A text file of ``n_lines`` lines of 5-30 random vocabulary words (deterministic)."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30)))
+                              for _ in range(n_lines)), encoding="utf-8")
+    return path
