@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
-import os
 import sys
 import tempfile
 import time
