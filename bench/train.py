@@ -26,6 +26,7 @@ Tools:
   128-token rows, 8 rows a step, as ``adaptune train`` does: fewer, larger optimizer steps.
 
 Reported per variant: useful tokens/s (tokens that have a label, i.e. what the loss is computed on),
+useful tokens/s in steady state (steps 2..N: no first step, no end-of-training callbacks),
 all tokens/s (incl. padding), useful tokens per CPU-second, peak RSS of the whole process (VmHWM,
 model load included) and of training alone, validation loss after the epoch (the same full-logits
 code for every tool), the share of this machine's fp32 GEMM speed (measured in the same run) that
@@ -73,12 +74,29 @@ class CountingCollator:
         self.inner = inner
         self.tokens = 0
         self.useful = 0
+        self.per_batch: list[int] = []  # useful tokens of each batch, in order
 
     def __call__(self, features):
         batch = self.inner(features)
+        useful = int((batch["labels"][:, 1:] != -100).sum())
         self.tokens += batch["input_ids"].numel()
-        self.useful += int((batch["labels"][:, 1:] != -100).sum())
+        self.useful += useful
+        self.per_batch.append(useful)
         return batch
+
+
+def step_clock():
+    """A callback that notes the time at the end of every optimizer step."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
 
 
 def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | None, limit: int | None) -> dict:
@@ -124,6 +142,8 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
         micro = None if tool == "adaptune-whole" else micro_batch_tokens
         trainer = Trainer(model=peft_model, args=TrainingArguments(**common_args, micro_batch_tokens=micro),
                           train_dataset=train, data_collator=collator)
+    clock = step_clock()
+    trainer.add_callback(clock)
     setup_peak = common.peak_rss_mb()
     rss_before = common.rss_mb()
     common.reset_peak_rss()
@@ -131,10 +151,15 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
     out = trainer.train()
     train_s, cpu_s = time.perf_counter() - t, time.process_time() - cpu
     train_peak = common.peak_rss_mb()
+    # steady state: steps 2..N (no first-step warm-up, no end-of-training callbacks)
+    steady_s = clock.ends[-1] - clock.ends[0] if len(clock.ends) > 1 else float("nan")
+    steady_useful = sum(collator.per_batch[1:len(clock.ends)])
     val = common.validation_loss(peft_model, val_rows, pad)
     return {
         "tool": tool, "data": kind, "steps": out.global_step, "examples": len(train_rows), "train_s": train_s,
         "cpu_s": cpu_s, "useful_tok_cpu_s": collator.useful / cpu_s,
+        "steady_useful_tok_s": steady_useful / steady_s, "first_step_s": clock.ends[0] - t,
+        "after_last_step_s": t + train_s - clock.ends[-1],
         "useful_tokens": collator.useful, "tokens": collator.tokens, "useful_tok_s": collator.useful / train_s,
         "tok_s": collator.tokens / train_s, "train_loss": out.training_loss, "val_loss": val,
         "peak_rss_mb": max(setup_peak, train_peak), "setup_peak_rss_mb": setup_peak, "rss_before_train_mb": rss_before,
@@ -157,11 +182,13 @@ def report(record: dict) -> str:
             rows.append([r["args"], "ERROR", r["error"], "; ".join(r["tail"][-2:])])
             continue
         flop = 4 * r["n_params"] * r["useful_tok_s"] / 1e9
-        rows.append([r["data"], r["tool"], r["steps"], f"{r['useful_tok_s']:.1f}", f"{r['tok_s']:.1f}",
+        rows.append([r["data"], r["tool"], r["steps"], f"{r['useful_tok_s']:.1f}", f"{r['steady_useful_tok_s']:.1f}",
+                     f"{r['tok_s']:.1f}",
                      f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_rss_mb']:.0f}", f"{r['val_loss']:.4f}",
                      f"{flop:.1f} ({100 * flop / gflops['mean']:.0f}%)", f"{r['train_s']:.0f}",
                      f"{r['useful_tok_cpu_s']:.1f}", f"{100 * r['others_cpu']:.0f}%"])
-    lines.append(common.table(rows, ["data", "tool", "steps", "useful tok/s", "all tok/s", "peak RSS MB",
+    lines.append(common.table(rows, ["data", "tool", "steps", "useful tok/s", "steady useful tok/s", "all tok/s",
+                                     "peak RSS MB",
                                      "train peak MB", "val loss", "GFLOP/s useful (of GEMM)", "train s",
                                      "useful tok/CPU-s", "others' CPU"]))
     lines.append(ratios(record["results"]))
@@ -178,16 +205,17 @@ def _pairs(results: list[dict]):
                 yield kind, tool, a, p
 
 
-def _ratio_values(a: dict, p: dict) -> tuple[float, float, float, float]:
-    return (a["useful_tok_s"] / p["useful_tok_s"], a["peak_rss_mb"] / p["peak_rss_mb"],
-            a["train_peak_rss_mb"] / p["train_peak_rss_mb"], 100 * (a["val_loss"] / p["val_loss"] - 1))
+def _ratio_values(a: dict, p: dict) -> tuple[float, ...]:
+    return (a["useful_tok_s"] / p["useful_tok_s"], a["steady_useful_tok_s"] / p["steady_useful_tok_s"],
+            a["peak_rss_mb"] / p["peak_rss_mb"], a["train_peak_rss_mb"] / p["train_peak_rss_mb"],
+            100 * (a["val_loss"] / p["val_loss"] - 1))
 
 
 def ratios(results: list[dict]) -> str:
     out = ["ratios to peft + transformers.Trainer:"]
     for kind, tool, a, p in _pairs(results):
-        speed, rss, train_rss, val = _ratio_values(a, p)
-        out.append(f"  {kind:4} {tool:13}: useful tok/s x{speed:.2f}, peak RSS x{rss:.2f} "
+        speed, steady, rss, train_rss, val = _ratio_values(a, p)
+        out.append(f"  {kind:4} {tool:14}: useful tok/s x{speed:.2f} (steady x{steady:.2f}), peak RSS x{rss:.2f} "
                    f"(training alone x{train_rss:.2f}), val loss {val:+.2f}%")
     return "\n".join(out)
 
@@ -201,7 +229,8 @@ def summary(paths: list[str]) -> str:
         kept = [r for r in run["results"] if "error" not in r and r.get("others_cpu", 0) <= NOISY]
         dropped += len(run["results"]) - len(kept)
         run["results"] = kept
-    keys = [("useful_tok_s", "useful tok/s"), ("useful_tok_cpu_s", "useful tok/CPU-s"), ("peak_rss_mb", "peak RSS MB"),
+    keys = [("useful_tok_s", "useful tok/s"), ("steady_useful_tok_s", "steady useful tok/s"),
+            ("useful_tok_cpu_s", "useful tok/CPU-s"), ("peak_rss_mb", "peak RSS MB"),
             ("train_peak_rss_mb", "train peak MB"), ("val_loss", "val loss")]
     rows = []
     for kind in DATASETS:
@@ -220,10 +249,10 @@ def summary(paths: list[str]) -> str:
     for run in runs:
         for kind, tool, a, p in _pairs(run["results"]):
             per.setdefault((kind, tool), []).append(_ratio_values(a, p))
-    names = ["useful tok/s x", "peak RSS x", "train peak x", "val loss %"]
+    names = ["useful tok/s x", "steady x", "peak RSS x", "train peak x", "val loss %"]
     for (kind, tool), values in per.items():
         cols = list(zip(*values))
-        text.append(f"  {kind:4} {tool:13}: " + ", ".join(
+        text.append(f"  {kind:4} {tool:14}: " + ", ".join(
             f"{n}{common.median_spread(list(c))[0]:.2f} [{min(c):.2f}-{max(c):.2f}]" for n, c in zip(names, cols)))
     text.append(f"{len(runs)} runs; {dropped} variant results left out (disturbed by other processes or failed)")
     gf = [f"{run['gflops']['mean']:.1f}" for run in runs]
