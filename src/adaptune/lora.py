@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterFileError, ConfigError
+from .fused import dropout_linear
 from .targets import in_out_features, module_kind
 
 BASE_ROW = "__base__"  # adapter name meaning "no adapter" in mixed batches (peft's)
@@ -257,10 +258,12 @@ class LoraLayer(nn.Module):
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         x = x.to(lora_a.weight.dtype)
-        xd = dropout(x)
         if spec.use_dora:
-            return self._dora_out(x, xd, name, base_out)
-        hidden = lora_a(xd)
+            return self._dora_out(x, dropout(x), name, base_out)
+        if isinstance(dropout, nn.Dropout) and dropout.training and lora_a.bias is None:
+            hidden = dropout_linear(x, lora_a.weight, dropout.p)  # keeps a bool mask, not x twice
+        else:
+            hidden = lora_a(dropout(x))
         if spec.scaling != 1:  # scale the r-wide hidden, not the out-wide result (and its gradient)
             hidden = hidden * spec.scaling
         if not spec.slices:

@@ -52,17 +52,30 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
                 targets: torch.Tensor, chunk_rows: int, want_grad: bool) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if want_grad else None
+        # One logits buffer for all chunks, worked on in place: a fresh 50 MB tensor per step of the
+        # softmax costs page faults that, on a CPU, take longer than the arithmetic.
+        buffer = None
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]
             t = targets[start:start + chunk_rows]
-            logits = F.linear(h, weight, bias).float()  # as transformers: head in model dtype, loss in fp32
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            rows = h.shape[0]
+            if buffer is None:
+                buffer = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+            logits = buffer[:rows]
+            torch.matmul(h, weight.T, out=logits)
+            if bias is not None:
+                logits += bias
+            logits = logits.float()  # as transformers: head in model dtype, loss in fp32 (a no-op for fp32)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # unnormalised softmax, in place of the logits
+            norm = probs.sum(dim=1, keepdim=True)
+            lse = norm.log().add_(peak).squeeze(1)
+            total += (lse - picked).sum()
             if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                torch.matmul(probs.to(weight.dtype), weight, out=grad[start:start + chunk_rows])
-            del logits
+                probs.div_(norm)
+                probs[torch.arange(rows, device=t.device), t] -= 1.0
+                torch.matmul(probs.to(weight.dtype), weight, out=grad[start:start + rows])
         ctx.save_for_backward(grad if want_grad else hidden.new_empty(0))
         return total
 

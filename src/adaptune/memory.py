@@ -50,8 +50,9 @@ What is counted (bytes; ``c`` = bytes of the compute/weight dtype, 4 for fp32, 2
   tensor (``gelu_new`` written in Python keeps 4). Dropout keeps a mask per element: 1 byte from
   CUDA's fused kernel, a full-width float on the CPU (where attention with dropout also falls back
   to the quadratic "math" kernel). A bf16 input to an fp32 LoRA adapter is copied to fp32
-  (``4 * in`` per target), and LoRA dropout keeps its own output plus a mask per target. The head keeps the final norm's input (and its output when the
-  head is trainable), and the loss is the largest single item for small models: transformers
+  (``4 * in`` per target), and LoRA dropout adds a 1-byte mask per input element and target
+  (``adaptune.fused``: the dropped input is made again in backward). The head keeps the final
+  norm's input (and its output when the head is trainable), and the loss is the largest single item for small models: transformers
   computes cross-entropy in fp32, so backward holds the log-softmax output, its gradient and the
   logits' gradient at once: ``3 * vocab * 4`` bytes per token (the logits themselves are freed
   when the caller keeps only ``.loss``, as ``Trainer`` does). The largest transient of a layer's
@@ -357,8 +358,8 @@ def _layer_saved(block: nn.Module, s: _Shape, c: int, seq_len: int, full: bool,
         for fan_in, _ in lora.get(name, ()):
             total += r * ADAPTER_BYTES
             if lora_dropout > 0:
-                total += fan_in * (ADAPTER_BYTES + mask(ADAPTER_BYTES))  # output + mask
-            elif c != ADAPTER_BYTES:
+                total += fan_in  # the 1-byte keep-mask (adaptune.fused.dropout_linear)
+            if c != ADAPTER_BYTES:
                 total += fan_in * ADAPTER_BYTES  # the input cast to the adapter's fp32
             else:
                 plain.add(group)

@@ -18,6 +18,8 @@ and resume machinery, and change only what makes a classic script break or waste
   head and the loss only at labelled positions, a chunk of rows at a time (:mod:`adaptune.loss`),
   for the same loss and gradients. ``micro_batch_tokens`` runs each batch in row groups (same
   gradients, less activation memory); ``compile_layers`` compiles each decoder layer.
+- On a CPU, freed memory stays in the process for the next step (``cpu_keep_freed_memory``,
+  :mod:`adaptune.allocator`) instead of being faulted in again each time.
 
 Defaults that differ from transformers: ``report_to="none"``; ``remove_unused_columns`` is off when
 you pass your own ``data_collator`` (it may need columns the model's forward does not take) and on
@@ -129,6 +131,12 @@ class TrainingArguments(transformers.TrainingArguments):
                           "tokens (at least one row). The gradients are the batch's own (the loss is "
                           "normalised over the whole batch); peak activation memory shrinks with the group. "
                           "None: the whole batch at once."},
+    )
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={"help": "Training on a CPU with glibc: let malloc keep freed blocks (below 1 GiB) for reuse "
+                          "instead of unmapping them, so each step's activations do not pay page faults "
+                          "again (adaptune.allocator). Process-wide; the peak memory is unchanged."},
     )
     compile_layers: bool = field(
         default=False,
@@ -368,6 +376,10 @@ class Trainer(transformers.Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
         self._compile_layers()
+        if getattr(self.args, "cpu_keep_freed_memory", False) and self.args.device.type == "cpu":
+            from adaptune.allocator import keep_freed_memory
+
+            keep_freed_memory()
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         guard = self.divergence_guard

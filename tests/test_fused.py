@@ -1,0 +1,105 @@
+"""adaptune.fused: LoRA's dropout + A projection keeps less for backward and computes the same thing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptune import LoraConfig, get_peft_model
+from adaptune.fused import dropout_linear, dropout_mask
+from adaptune.lora import LoraLayer
+from tests.tiny import tiny_llama
+
+P = 0.3
+
+
+def _grads(fn, x, w):
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = fn(x, w)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach(), x.grad, w.grad
+
+
+def test_same_values_and_gradients_as_dropout_then_linear_for_the_same_mask():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, 16, generator=g), torch.randn(4, 16, generator=g)
+    mask = torch.rand(x.shape, generator=g) >= P
+    fused = _grads(lambda x, w: dropout_linear(x, w, P, mask=mask), x, w)
+    plain = _grads(lambda x, w: F.linear(x * mask / (1 - P), w), x, w)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_keeps_one_minus_p_of_the_elements():
+    torch.manual_seed(1)
+    kept = dropout_mask(torch.empty(200_000), P).float().mean().item()
+    assert kept == pytest.approx(1 - P, abs=0.01)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
+def test_rejects_p_outside_the_open_interval(p):
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        dropout_linear(torch.randn(2, 3), torch.randn(4, 3), p)
+
+
+def _saved_bytes(fn) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_keeps_x_and_a_bool_mask_instead_of_two_float_copies():
+    x = torch.randn(64, 256, requires_grad=True)
+    w = torch.randn(8, 256, requires_grad=True)
+    lean = _saved_bytes(lambda: dropout_linear(x, w, P))
+    plain = _saved_bytes(lambda: F.linear(F.dropout(x, P, training=True), w))
+    # plain: float mask + dropped x (+ w); lean: x + bool mask (+ w)
+    assert lean < plain - 64 * 256 * 2
+    assert lean <= x.numel() * 4 + x.numel() + w.numel() * 4
+
+
+def test_lora_layer_in_training_uses_it_with_the_same_result():
+    """A LoRA layer with dropout = base + scaling * B A (x * mask / (1 - p)), mask drawn by dropout_mask."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=P,
+                                                   target_modules=["q_proj"]))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    model.train()
+    x = torch.randn(2, 6, layer.in_features, requires_grad=True)
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    mask = dropout_mask(x, P)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = layer.base_layer(x) + F.linear(F.linear(x * mask / (1 - P), a), b) * layer.scaling("default")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad_a, = torch.autograd.grad(out.sum(), a)
+    want_a, = torch.autograd.grad(expected.sum(), a)
+    torch.testing.assert_close(grad_a, want_a, rtol=1e-5, atol=1e-6)
+    model.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + F.linear(F.linear(x, a), b) * layer.scaling("default"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_keep_freed_memory_is_idempotent_and_reports_whether_it_applied():
+    import platform
+    import sys
+
+    from adaptune.allocator import keep_freed_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    assert keep_freed_memory() is glibc
+    # memory freed and allocated again still reads and writes correctly
+    for _ in range(3):
+        big = torch.ones(8 << 20)
+        assert float(big.sum()) == 8 << 20
+        del big
