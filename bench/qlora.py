@@ -161,7 +161,8 @@ def worker(variant: str, workdir: Path, args) -> dict:
     out["ppl_before"] = perplexity(model, val, args.batch)
     out["eval_tok_s"] = val.numel() / (time.perf_counter() - t)  # both variants are at this point together
     torch.manual_seed(0)  # the same initial adapter in both variants
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
 
     peft_model.train()
@@ -240,6 +241,8 @@ def main() -> None:
     p.add_argument("--sequential", action="store_true",
                    help="run the variants one after the other (default: both at once, one process each)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--targets", nargs="+", default=TARGETS,
+                   help="LoRA target modules, both variants (default: q_proj v_proj; 'all-linear' as in QLoRA's paper)")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="train without gradient checkpointing (both variants)")
     p.add_argument("--worker", choices=["fp32", "nf4"], help=argparse.SUPPRESS)
@@ -260,7 +263,7 @@ def main() -> None:
         info = prepare(workdir, args)
         print(f"loaded SmolLM2-135M-Instruct from GGUF in {info['gguf_load_s']:.1f}s; "
               f"{args.steps} steps x {args.batch} x {args.block} tokens, {args.val_blocks} validation blocks, "
-              f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}, "
+              f"LoRA on {' '.join(args.targets)}, gradient checkpointing {'on' if args.grad_ckpt else 'off'}, "
               f"{'one variant after the other' if args.sequential else 'both variants at once'}, "
               f"{threads} thread(s) each, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
               flush=True)
@@ -268,7 +271,8 @@ def main() -> None:
         for variant in ("fp32", "nf4"):
             cmd = [sys.executable, __file__, "--worker", variant, "--workdir", str(workdir),
                    "--steps", str(args.steps), "--batch", str(args.batch), "--block", str(args.block),
-                   "--val-blocks", str(args.val_blocks), "--lr", str(args.lr), "--threads", str(threads)]
+                   "--val-blocks", str(args.val_blocks), "--lr", str(args.lr), "--threads", str(threads),
+                   "--targets", *args.targets]
             if not args.grad_ckpt:
                 cmd.append("--no-grad-ckpt")
             with open(workdir / f"{variant}.out", "w") as out, open(workdir / f"{variant}.err", "w") as err:
@@ -278,13 +282,18 @@ def main() -> None:
         rows = [procs[v] if args.sequential else _finish(v, procs[v], workdir) for v in ("fp32", "nf4")]
 
     fp32, nf4 = rows
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import save  # noqa: E402
+
+    saved = save("qlora", {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "workdir")},
+                           "threads": threads, "results": rows})
     print()
     print(table(rows))
     print()
     if not (fp32["peak_reset"] and nf4["peak_reset"]):
         print("note: could not reset the RSS high-water mark; peaks include model loading")
     ppl_gap = nf4["ppl_after"] / fp32["ppl_after"] - 1
-    print(f"total bench time {time.perf_counter() - start:.0f}s")
+    print(f"total bench time {time.perf_counter() - start:.0f}s; saved {saved.relative_to(ROOT)}")
     print("ratios (4-bit / fp32):")
     print(f"  weight memory     {nf4['weight_bytes'] / fp32['weight_bytes']:.3f}x   (goal <= 0.2x)")
     print(f"  linear layers     {nf4['linear_bytes'] / fp32['linear_bytes']:.3f}x   "

@@ -103,3 +103,56 @@ def test_keep_freed_memory_is_idempotent_and_reports_whether_it_applied():
         big = torch.ones(8 << 20)
         assert float(big.sum()) == 8 << 20
         del big
+
+
+def test_swiglu_same_values_and_gradients_as_silu_times_up():
+    g = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(2, 5, 32, generator=g) * 3, torch.randn(2, 5, 32, generator=g)
+    from adaptune.fused import swiglu
+
+    got = _grads(lambda a, b: swiglu(a, b), gate, up)
+    want = _grads(lambda a, b: F.silu(a) * b, gate, up)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    gate.requires_grad_()
+    saved = _saved_bytes(lambda: swiglu(gate, up.requires_grad_()))
+    plain = _saved_bytes(lambda: F.silu(gate) * up)
+    assert saved == 2 * gate.numel() * 4 and plain == 3 * gate.numel() * 4
+
+
+def test_fuse_gated_mlps_switches_llama_mlps_and_training_is_unchanged():
+    from adaptune.fused import fuse_gated_mlps, unfuse_gated_mlps
+
+    def step(fuse: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "v_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+        switched = fuse_gated_mlps(model) if fuse else 0
+        model.train()
+        ids = torch.randint(0, 100, (2, 7))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return switched, out.loss.detach(), grads, model
+
+    n_fused, loss_f, grads_f, model = step(True)
+    n_plain, loss_p, grads_p, _ = step(False)
+    assert n_fused == model.config.num_hidden_layers and n_plain == 0
+    torch.testing.assert_close(loss_f, loss_p)
+    assert grads_f.keys() == grads_p.keys() and grads_f
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-5, atol=1e-6)
+    assert fuse_gated_mlps(model) == n_fused  # idempotent
+    assert unfuse_gated_mlps(model) == n_fused
+    assert not any("forward" in vars(m) for m in model.modules() if hasattr(m, "gate_proj"))
+
+
+def test_fuse_gated_mlps_leaves_other_mlps_alone():
+    from adaptune.fused import fuse_gated_mlps
+    from tests.tiny import tiny_gpt2
+
+    assert fuse_gated_mlps(tiny_gpt2()) == 0
+    assert fuse_gated_mlps(tiny_llama(hidden_act="gelu")) == 0

@@ -1,4 +1,6 @@
-"""LoRA's ``A(dropout(x))`` as one autograd function that keeps a 1-byte mask instead of two copies of x.
+"""Two autograd functions that keep less for backward than the plain ops, for the same numbers.
+
+``dropout_linear``: LoRA's ``A(dropout(x))`` keeping a 1-byte mask instead of two copies of x.
 
 The plain path, ``lora_A(nn.Dropout(p)(x))``, keeps for backward the dropout's float mask (as big as
 x) and the dropped input (as big again, for A's gradient), per adapted layer; q_proj and v_proj see
@@ -7,14 +9,23 @@ itself (which q and v share, so it is one tensor) and a bool mask per layer, and
 dropped input again (one multiply). Same values and gradients as the plain path for the same mask;
 the mask comes from ``torch.rand`` (about twice as fast as ``bernoulli_`` on a CPU), so the random
 stream differs from ``nn.Dropout``'s.
+
+``swiglu``: the gated MLP's ``silu(gate) * up`` (Llama, Mistral, Qwen, SmolLM...). Autograd keeps
+gate (for silu), silu(gate) and up (for the product): three intermediate-wide tensors per token and
+layer, more than half of what a q/v LoRA step keeps on such a model. This keeps gate and up and
+makes silu(gate) again in backward (elementwise, no matmul). ``fuse_gated_mlps`` switches a
+model's MLP modules to it where a numerical probe shows the module computes exactly that.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["dropout_mask", "dropout_linear"]
+__all__ = ["dropout_mask", "dropout_linear", "swiglu", "fuse_gated_mlps", "unfuse_gated_mlps"]
 
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
@@ -56,3 +67,92 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float,
     if mask is None:
         mask = dropout_mask(x, p)
     return _DropoutLinear.apply(x, weight, mask, p)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, saving gate and up only."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad_out * gate * sig
+        if ctx.needs_input_grad[0]:
+            # d silu(g) / dg = sig * (1 + g * (1 - sig))
+            grad_gate = grad_out * up * sig * (1 + gate * (1 - sig))
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up``; under autograd it keeps two tensors for backward instead of three."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
+def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_silu(module: object) -> bool:
+    return isinstance(module, nn.SiLU) or type(module).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _probe_matches(mlp: nn.Module) -> bool:
+    """Whether ``mlp(x)`` is ``down_proj(silu(gate_proj(x)) * up_proj(x))`` on a random input."""
+    weight = next((p for p in mlp.parameters() if p.is_floating_point()), None)
+    hidden = getattr(getattr(mlp, "gate_proj", None), "in_features", None)
+    if weight is None or not hidden:
+        return False
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    was_training = mlp.training
+    mlp.eval()  # no dropout in the probe
+    try:
+        with torch.no_grad():
+            gen = torch.Generator(device=weight.device).manual_seed(0)  # leaves the global RNG alone
+            x = torch.randn(1, 3, hidden, generator=gen, device=weight.device).to(dtype)
+            want, got = mlp(x), _fused_mlp_forward(mlp, x)
+    except Exception:  # noqa: BLE001 - any module we cannot run this way is left alone
+        return False
+    finally:
+        mlp.train(was_training)
+    return isinstance(want, torch.Tensor) and want.shape == got.shape and torch.equal(want, got)
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Run every gated-SiLU MLP of ``model`` through :func:`swiglu`; returns how many were switched.
+
+    A module qualifies when it has ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``
+    and a probe gives bit-identical output; anything else keeps its own forward.
+    """
+    count = 0
+    for module in model.modules():
+        if "forward" in vars(module) and getattr(module, "_adaptune_swiglu", False):
+            count += 1
+            continue
+        if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        if not _is_silu(getattr(module, "act_fn", None)) or not _probe_matches(module):
+            continue
+        module.forward = types.MethodType(_fused_mlp_forward, module)
+        module._adaptune_swiglu = True
+        count += 1
+    return count
+
+
+def unfuse_gated_mlps(model: nn.Module) -> int:
+    """Undo :func:`fuse_gated_mlps` (the modules' own forward again); returns how many were restored."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "_adaptune_swiglu", False):
+            vars(module).pop("forward", None)
+            del module._adaptune_swiglu
+            count += 1
+    return count

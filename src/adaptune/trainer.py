@@ -18,6 +18,8 @@ and resume machinery, and change only what makes a classic script break or waste
   head and the loss only at labelled positions, a chunk of rows at a time (:mod:`adaptune.loss`),
   for the same loss and gradients. ``micro_batch_tokens`` runs each batch in row groups (same
   gradients, less activation memory); ``compile_layers`` compiles each decoder layer.
+- Gated-SiLU MLPs keep two intermediate tensors for backward instead of three
+  (``fused_mlp_activation``, :mod:`adaptune.fused`).
 - On a CPU, freed memory stays in the process for the next step (``cpu_keep_freed_memory``,
   :mod:`adaptune.allocator`) instead of being faulted in again each time.
 
@@ -131,6 +133,12 @@ class TrainingArguments(transformers.TrainingArguments):
                           "tokens (at least one row). The gradients are the batch's own (the loss is "
                           "normalised over the whole batch); peak activation memory shrinks with the group. "
                           "None: the whole batch at once."},
+    )
+    fused_mlp_activation: bool = field(
+        default=True,
+        metadata={"help": "Gated-SiLU MLPs (Llama, Mistral, Qwen, SmolLM...): compute silu(gate) * up with one "
+                          "autograd function that keeps gate and up for backward, not also silu(gate) "
+                          "(adaptune.fused.swiglu): about a fifth less activation memory, same numbers."},
     )
     cpu_keep_freed_memory: bool = field(
         default=True,
@@ -376,6 +384,10 @@ class Trainer(transformers.Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
         self._compile_layers()
+        if getattr(self.args, "fused_mlp_activation", False) and self.model is not None:
+            from adaptune.fused import fuse_gated_mlps
+
+            fuse_gated_mlps(self.model)
         if getattr(self.args, "cpu_keep_freed_memory", False) and self.args.device.type == "cpu":
             from adaptune.allocator import keep_freed_memory
 
