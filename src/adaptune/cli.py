@@ -95,6 +95,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--targets", help="comma-separated layer names, a regex, or all-linear "
                                      "(default: the architecture's; see `adaptune inspect`)")
     p.add_argument("--quantize", choices=("nf4", "fp4", "int8"), help="load the base quantized (bitsandbytes)")
+    p.add_argument("--quantize-embeddings", action="store_true", default=None,
+                   help="keep the frozen embedding table (and the head tied to it) as int8 rows: 4x smaller, "
+                        "slower head (lora, dora, qlora)")
     p.add_argument("--virtual-tokens", type=int, help=f"prompt/prefix methods (default {d.virtual_tokens})")
     p.add_argument("--epochs", type=float, help=f"used when --max-steps is 0 (default {d.epochs})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps; 0 = by epochs (default {d.max_steps})")

@@ -52,12 +52,12 @@ What is counted (bytes; ``c`` = bytes of the compute/weight dtype, 4 for fp32, 2
   to the quadratic "math" kernel). A bf16 input to an fp32 LoRA adapter is copied to fp32
   (``4 * in`` per target), and LoRA dropout adds a 1-byte mask per input element and target
   (``adaptune.fused``: the dropped input is made again in backward). The head keeps the final
-  norm's input (and its output when the head is trainable), and the loss is the largest single item for small models: transformers
-  computes cross-entropy in fp32, so backward holds the log-softmax output, its gradient and the
-  logits' gradient at once: ``3 * vocab * 4`` bytes per token (the logits themselves are freed
-  when the caller keeps only ``.loss``, as ``Trainer`` does). The largest transient of a layer's
-  backward, ``(3i + 2h) * c`` (plus, for QLoRA, one weight dequantized to ``c``), is taken
-  instead of that when it is larger.
+  norm's input (and its output when the head is trainable), and the loss is the largest single
+  item for small models: transformers computes cross-entropy in fp32, so backward holds the
+  log-softmax output, its gradient and the logits' gradient at once: ``3 * vocab * 4`` bytes per
+  token (the logits themselves are freed when the caller keeps only ``.loss``, as ``Trainer``
+  does). The largest transient of a layer's backward, ``(3i + 2h) * c`` (plus, for QLoRA, one
+  weight dequantized to ``c``), is taken instead of that when it is larger.
 
   With **gradient checkpointing** only each layer's input (``h * c`` per token) is kept, plus one
   layer's full set while it is recomputed in backward.

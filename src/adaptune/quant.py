@@ -237,7 +237,9 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 def has_quantized_layers(model: nn.Module) -> bool:
-    return any(layer_kind(m) is not None or getattr(m, "kind", None) in QUANT_KINDS for m in model.modules())
+    """bitsandbytes layers (bare or under LoRA) or adaptune's int8 embedding tables."""
+    return any(layer_kind(m) is not None or getattr(m, "kind", None) in QUANT_KINDS
+               or type(m).__name__ in ("Int8Embedding", "Int8Head") for m in model.modules())
 
 
 def keep_trainable_layout(model: nn.Module) -> int:
@@ -328,7 +330,8 @@ def float_linear_from(base_layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every bitsandbytes layer by a float ``nn.Linear`` and drop the quantization config.
+    """Replace every bitsandbytes layer by a float ``nn.Linear`` (and int8 embedding tables by float
+    ones) and drop the quantization config.
 
     ``dtype`` defaults to each layer's pre-quantization dtype (the model's dtype). Afterwards the
     model saves and reloads as an ordinary transformers model. Changes ``model`` in place.
@@ -340,6 +343,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if dtype is not None:
             weight = weight.to(dtype)
         model.set_submodule(name, float_linear_from(module, weight))
+    from .int8_embedding import dequantize_embeddings
+
+    if hasattr(model, "get_input_embeddings"):
+        dequantize_embeddings(model)
     forget_quantization(model)
     return model
 

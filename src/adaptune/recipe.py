@@ -43,6 +43,7 @@ class TrainJob:
     dropout: float = 0.05
     targets: list[str] | str | None = None  # None: the architecture's default (q_proj, v_proj...)
     quantize: str | None = None  # nf4 | fp4 | int8
+    quantize_embeddings: bool = False  # int8 rows for the frozen embedding and tied head (LoRA-family methods)
     virtual_tokens: int = 20
     epochs: float = 1.0
     max_steps: int = 60
@@ -71,6 +72,9 @@ class TrainJob:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
+        if self.quantize_embeddings and self.method not in ("lora", "dora", "qlora"):
+            raise ConfigError(f"--quantize-embeddings works with lora, dora and qlora; --method {self.method} "
+                              "trains or reads the embedding table itself")
         if self.method == "prefix-tuning" and self.gradient_checkpointing:
             raise ConfigError("--method prefix-tuning does not work with --gradient-checkpointing (the "
                               "checkpointed layers drop the KV cache that carries the prefix); turn one off")
@@ -173,6 +177,10 @@ def load_base(job: TrainJob):
         from .quant import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.gradient_checkpointing)
+    if job.quantize_embeddings:
+        from .int8_embedding import quantize_embeddings
+
+        quantize_embeddings(model)
     return model, tokenizer
 
 
