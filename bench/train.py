@@ -22,7 +22,8 @@ Tools:
   (chunked_loss, on by default), and ``micro_batch_tokens=512`` (forward/backward in row groups of
   at most 512 tokens: less activation memory, same gradients; ``--micro-batch-tokens`` changes it).
   Its Trainer also keeps 2 instead of 3 MLP tensors for backward (fused_mlp_activation), LoRA
-  dropout keeps a bool mask (adaptune.fused) and freed memory is reused (cpu_keep_freed_memory).
+  dropout keeps a bool mask (adaptune.fused). (The three runs in README were made with
+  cpu_keep_freed_memory on, then its default; bench/step_profile.py shows it does not change speed.)
 - ``adaptune-whole``: the same without micro-batches (each batch in one forward): faster, more memory.
 - ``adaptune-pack`` (not run by default; ``--tools``): the whole data set first-fit packed into
   128-token rows, 8 rows a step, as ``adaptune train`` does: fewer, larger optimizer steps.

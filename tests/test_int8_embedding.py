@@ -109,3 +109,28 @@ def test_cli_trains_with_quantized_embeddings(model_dir, tmp_path):
                  "--max-steps", "2", "--max-length", "32", "--batch-size", "4", "--eval-every", "0",
                  "--quantize-embeddings"]) == 0
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_head_gradient_equals_the_float_table_and_keeps_no_float_copy():
+    import torch.nn.functional as F
+
+    from adaptune import int8_embedding
+
+    table = Int8Embedding(torch.randn(50, 12))
+    head = Int8Head(table, bias=torch.randn(50))
+    hidden = torch.randn(3, 4, 12, requires_grad=True)
+    weights = torch.linspace(-1, 1, 3 * 4 * 50).reshape(3, 4, 50)
+    old_block, int8_embedding.HEAD_BLOCK_ROWS = int8_embedding.HEAD_BLOCK_ROWS, 16  # several blocks
+    try:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = head(hidden)
+        (grad,) = torch.autograd.grad((out * weights).sum(), hidden)
+    finally:
+        int8_embedding.HEAD_BLOCK_ROWS = old_block
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref = F.linear(ref_hidden, table.dequantized(), head.bias)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), ref_hidden)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    assert all(t.dtype != torch.float32 or t.numel() <= 50 for t in saved)  # int8 rows + scales only

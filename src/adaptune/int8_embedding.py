@@ -57,12 +57,42 @@ class Int8Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.rows).to(self.dtype) * F.embedding(ids, self.scale[:, None]).to(self.dtype)
 
-    def dequantized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Float rows ``start:stop`` of the table."""
-        return self.rows[start:stop].to(self.dtype) * self.scale[start:stop, None].to(self.dtype)
+    def dequantized(self) -> torch.Tensor:
+        """The whole table in float."""
+        return _dequantized_block(self.rows, self.scale, 0, self.num_embeddings, self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows, output {self.dtype}"
+
+
+def _dequantized_block(rows: torch.Tensor, scale: torch.Tensor, start: int, stop: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    return rows[start:stop].to(dtype) * scale[start:stop, None].to(dtype)
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """``hidden @ (rows * scale).T`` block by block; backward dequantizes again instead of keeping
+    the float table (which autograd would otherwise hold, block by block, until backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = hidden.new_empty(*hidden.shape[:-1], rows.shape[0])
+        for start in range(0, rows.shape[0], HEAD_BLOCK_ROWS):
+            stop = min(start + HEAD_BLOCK_ROWS, rows.shape[0])
+            out[..., start:stop] = hidden @ _dequantized_block(rows, scale, start, stop, hidden.dtype).T
+        ctx.save_for_backward(rows, scale)
+        ctx.hidden_dtype = hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, scale = ctx.saved_tensors
+        grad = None
+        for start in range(0, rows.shape[0], HEAD_BLOCK_ROWS):
+            stop = min(start + HEAD_BLOCK_ROWS, rows.shape[0])
+            part = grad_out[..., start:stop] @ _dequantized_block(rows, scale, start, stop, grad_out.dtype)
+            grad = part if grad is None else grad.add_(part)
+        return grad.to(ctx.hidden_dtype), None, None
 
 
 class Int8Head(nn.Module):
@@ -75,13 +105,8 @@ class Int8Head(nn.Module):
         self.in_features, self.out_features = table.embedding_dim, table.num_embeddings
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = hidden.new_empty(*hidden.shape[:-1], self.out_features)
-        for start in range(0, self.out_features, HEAD_BLOCK_ROWS):
-            stop = min(start + HEAD_BLOCK_ROWS, self.out_features)
-            out[..., start:stop] = hidden @ self.table.dequantized(start, stop).to(hidden.dtype).T
-        if self.bias is not None:
-            out += self.bias.to(out.dtype)
-        return out
+        out = _Int8Matmul.apply(hidden, self.table.rows, self.table.scale)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 def quantize_embeddings(model: nn.Module) -> int:

@@ -1,0 +1,136 @@
+"""Where one LoRA training step's memory and time go, on SmolLM2-135M (adaptune only, no peer).
+
+    python bench/step_profile.py                  # 8 x 128 tokens, LoRA r=8 dropout 0.05 on q/v
+    python bench/step_profile.py --tokens 512
+
+A diagnostic behind bench/train.py's numbers, not a comparison. For each setting it prints:
+
+- what autograd keeps for backward after the forward (the model's own weights left out), from a
+  walk over the graph's saved tensors (:mod:`torch.autograd.graph` hooks), with the fused
+  paths off (plain ``nn.Dropout`` + ``lora_A``; the MLP's own ``silu(gate) * up``) and on;
+- median step time over a few steps and minor page faults per step, with freed memory returned
+  to the OS as glibc does by default, and kept (``adaptune.allocator.keep_freed_memory``). Each
+  allocator setting runs in a fresh process (a mallopt cannot be undone), after the model loads,
+  and reports the loop's peak RSS too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def build(tokens: int, fused: bool):
+    from adaptune import LoraConfig, get_peft_model
+    from adaptune.fused import fuse_gated_mlps, unfuse_gated_mlps
+    from adaptune.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(None, dtype=torch.float32)
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                  target_modules=["q_proj", "v_proj"]))
+    (fuse_gated_mlps if fused else unfuse_gated_mlps)(peft_model)
+    peft_model.train()
+    rows = max(1, tokens // 128)
+    ids = torch.randint(0, model.config.vocab_size, (rows, 128))
+    return peft_model, {"input_ids": ids, "labels": ids.clone()}
+
+
+def saved_mb(model, inputs, fused: bool) -> float:
+    """MB autograd keeps for backward after one forward, weights excluded."""
+    from adaptune.loss import causal_lm_loss
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    if not fused:  # plain path: an nn.Dropout followed by lora_A, as peft does it
+        from adaptune import lora as lora_module
+
+        original = lora_module.dropout_linear
+        lora_module.dropout_linear = lambda x, w, p: torch.nn.functional.linear(
+            torch.nn.functional.dropout(x, p, training=True), w)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = causal_lm_loss(model, inputs, None)
+    finally:
+        if not fused:
+            lora_module.dropout_linear = original
+    del loss
+    return sum(storages.values()) / 2**20
+
+
+def child(tokens: int, keep: bool, steps: int) -> dict:
+    from adaptune.allocator import keep_freed_memory
+    from adaptune.loss import causal_lm_loss
+
+    model, inputs = build(tokens, fused=True)
+    if keep:
+        keep_freed_memory()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        loss, _ = causal_lm_loss(model, inputs, None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    common.reset_peak_rss()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
+    return {"keep": keep, "step_s": statistics.median(times), "faults_per_step": faults,
+            "peak_rss_mb": common.peak_rss_mb(), "tok_s": inputs["input_ids"].numel() / statistics.median(times)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=1024, help="tokens a step, in 128-token rows (default 1024)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per allocator setting (default 5)")
+    p.add_argument("--child", choices=["default", "keep"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.tokens, args.child == "keep", args.steps)), flush=True)
+        return
+
+    print(f"SmolLM2-135M fp32, LoRA r=8 dropout 0.05 on q_proj/v_proj, {args.tokens} tokens a step, "
+          f"load {common.load_average()}", flush=True)
+    for fused in (False, True):
+        model, inputs = build(args.tokens, fused)
+        print(f"kept for backward, fused paths {'on ' if fused else 'off'}: {saved_mb(model, inputs, fused):7.1f} MB",
+              flush=True)
+        del model
+    for setting in ("default", "keep"):
+        out = subprocess.run([sys.executable, __file__, "--child", setting, "--tokens", str(args.tokens),
+                              "--steps", str(args.steps)], capture_output=True, text=True, check=True).stdout
+        r = json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
+        print(f"allocator {setting:7}: {r['step_s']:.2f} s a step ({r['tok_s']:.0f} tok/s), "
+              f"{r['faults_per_step']:,.0f} page faults a step, peak RSS {r['peak_rss_mb']:,.0f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
