@@ -49,13 +49,15 @@ def peak_rss_mb() -> float:
     return _status_kb("VmHWM") / 1024
 
 
-def reset_peak_rss() -> None:
-    """Linux: start VmHWM again from the current RSS (``echo 5 > /proc/self/clear_refs``)."""
+def reset_peak_rss() -> bool:
+    """Linux: start VmHWM again from the current RSS (``echo 5 > /proc/self/clear_refs``); False if
+    the kernel does not allow it (the peak then includes what came before)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        return True
     except OSError:
-        pass
+        return False
 
 
 def load_smollm2():

@@ -45,6 +45,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
 
 ALL_METHODS = ("full", "lora", "dora", "prompt-tuning", "p-tuning", "prefix-tuning")
 
@@ -57,15 +60,6 @@ def _status_kib(field: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---- one method, in a subprocess --------------------------------------------------------------------
@@ -82,7 +76,7 @@ def child(args: argparse.Namespace) -> None:
 
     def measured_train(self, *a, **kw):  # instrumentation only: the loop itself is untouched
         marks["peak_before_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the reset clears it too
-        marks["reset"] = _reset_peak()
+        marks["reset"] = common.reset_peak_rss()
         try:
             return original_train(self, *a, **kw)
         finally:

@@ -46,7 +46,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 TEXT = ROOT / "src" / "adaptune" / "resources" / "shakespeare.txt"
@@ -98,28 +100,12 @@ def prepare(workdir: Path, args) -> dict:
 
 
 # ---- worker: one variant ----------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def _release_memory() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def perplexity(model, val: torch.Tensor, batch: int) -> float:
@@ -174,8 +160,8 @@ def worker(variant: str, workdir: Path, args) -> dict:
 
     peft_model.train()
     _release_memory()
-    out["rss_before_train_mb"] = _status_kb("VmRSS") / 1024
-    out["peak_reset"] = _reset_peak()
+    out["rss_before_train_mb"] = common.rss_mb()
+    out["peak_reset"] = common.reset_peak_rss()
     losses, step_times = [], []
     for step in range(args.steps):
         x = train[step * args.batch:(step + 1) * args.batch]
@@ -186,7 +172,7 @@ def worker(variant: str, workdir: Path, args) -> dict:
         opt.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t)
         losses.append(loss.item())
-    out["peak_rss_train_mb"] = _status_kb("VmHWM") / 1024
+    out["peak_rss_train_mb"] = common.peak_rss_mb()
     out["threads"] = torch.get_num_threads()
     timed = step_times[1:] or step_times  # the first step warms up allocators and kernels
     out["train_tok_s"] = args.batch * args.block * len(timed) / sum(timed)
@@ -291,10 +277,7 @@ def main() -> None:
                 procs[variant] = _finish(variant, procs[variant], workdir)
         rows = [procs[v] if args.sequential else _finish(v, procs[v], workdir) for v in args.variants]
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import save  # noqa: E402
-
-    saved = save("qlora", {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "workdir")},
+    saved = common.save("qlora", {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "workdir")},
                            "threads": threads, "results": rows})
     print()
     print(table(rows))
