@@ -21,7 +21,7 @@ and resume machinery, and change only what makes a classic script break or waste
 - Gated-SiLU MLPs keep two intermediate tensors for backward instead of three
   (``fused_mlp_activation``, :mod:`adaptune.fused`).
 - ``cpu_keep_freed_memory`` (off by default) lets glibc keep freed memory for the next step on a
-  CPU (:mod:`adaptune.allocator`): 95 % fewer page faults, no measured speed change here.
+  CPU (:mod:`adaptune.allocator`): far fewer page faults, but no measured speed change here.
 
 Defaults that differ from transformers: ``report_to="none"``; ``remove_unused_columns`` is off when
 you pass your own ``data_collator`` (it may need columns the model's forward does not take) and on
@@ -144,7 +144,7 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "Training on a CPU with glibc: let malloc keep freed blocks (below 1 GiB) for reuse "
                           "instead of unmapping them, so each step's activations do not pay page faults "
-                          "again (adaptune.allocator). Process-wide. bench/step_profile.py measured 95% "
+                          "again (adaptune.allocator). Process-wide. bench/step_profile.py measured 83-95% "
                           "fewer page faults but no speed change on a 2-core VM, so it is off by default."},
     )
     compile_layers: bool = field(
@@ -384,11 +384,11 @@ class Trainer(transformers.Trainer):
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
-        self._compile_layers()
         if getattr(self.args, "fused_mlp_activation", False) and self.model is not None:
             from adaptune.fused import fuse_gated_mlps
 
             fuse_gated_mlps(self.model)
+        self._compile_layers()
         if getattr(self.args, "cpu_keep_freed_memory", False) and self.args.device.type == "cpu":
             from adaptune.allocator import keep_freed_memory
 
