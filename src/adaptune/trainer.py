@@ -21,7 +21,7 @@ and resume machinery, and change only what makes a classic script break or waste
 - Gated-SiLU MLPs keep two intermediate tensors for backward instead of three
   (``fused_mlp_activation``, :mod:`adaptune.fused`).
 - ``cpu_keep_freed_memory`` (off by default) lets glibc keep freed memory for the next step on a
-  CPU (:mod:`adaptune.allocator`): far fewer page faults, but no measured speed change here.
+  CPU (:mod:`adaptune.allocator`): far fewer page faults, but no measured speed gain here.
 
 Defaults that differ from transformers: ``report_to="none"``; ``remove_unused_columns`` is off when
 you pass your own ``data_collator`` (it may need columns the model's forward does not take) and on
@@ -145,7 +145,7 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Training on a CPU with glibc: let malloc keep freed blocks (below 1 GiB) for reuse "
                           "instead of unmapping them, so each step's activations do not pay page faults "
                           "again (adaptune.allocator). Process-wide. bench/step_profile.py measured 83-95% "
-                          "fewer page faults but no speed change on a 2-core VM, so it is off by default."},
+                          "fewer page faults but no speed gain on a 2-core VM, so it is off by default."},
     )
     compile_layers: bool = field(
         default=False,
