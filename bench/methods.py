@@ -39,27 +39,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import common  # noqa: E402
+import common  # noqa: E402  (sets the offline environment before transformers loads)
 
 ALL_METHODS = ("full", "lora", "dora", "prompt-tuning", "p-tuning", "prefix-tuning")
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 # ---- one method, in a subprocess --------------------------------------------------------------------
@@ -80,7 +66,7 @@ def child(args: argparse.Namespace) -> None:
         try:
             return original_train(self, *a, **kw)
         finally:
-            marks["train_peak_kib"] = _status_kib("VmHWM") if marks["reset"] else None
+            marks["train_peak_kib"] = common.peak_rss_mb() * 1024 if marks["reset"] else None
 
     trainer_module.Trainer.train = measured_train
     job = TrainJob(model=args.model_dir, output=args.output, method=args.child, max_steps=args.steps,

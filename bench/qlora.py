@@ -40,15 +40,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import common  # noqa: E402
+import common  # noqa: E402  (sets the offline environment before transformers loads)
 import torch  # noqa: E402
 
 TEXT = ROOT / "src" / "adaptune" / "resources" / "shakespeare.txt"
