@@ -12,6 +12,8 @@ This module is the glue, with peft's names:
 * ``prepare_model_for_kbit_training(model, ...)``: peft's recipe (freeze everything, upcast
   fp16/bf16 non-quantized weights such as norms to fp32, gradient checkpointing with inputs that
   require grad).
+* ``quantize_linears`` / ``quantized_linear_from``: quantize a model already in memory, with some
+  layers int8 and the rest 4-bit if asked (LoftQ needs this: it chooses what each layer stores).
 * ``dequantize_weight`` / ``float_linear_from`` / ``dequantize_model``: what ``lora.py`` and
   ``merge_and_unload`` use to fold adapters into a quantized base. The result is a full-precision
   model (peft instead re-quantizes the merged weight, losing the adapter's small updates again).
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -327,6 +329,74 @@ def float_linear_from(base_layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
         linear.bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=weight.dtype).clone(),
                                    requires_grad=False)
     return linear
+
+
+def quantized_linear_from(linear: nn.Linear, quantize: str, weight: torch.Tensor | None = None,
+                          compute_dtype: torch.dtype | str | None = None, double_quant: bool = True) -> nn.Module:
+    """A frozen bitsandbytes layer holding ``weight`` (default: ``linear``'s own) and ``linear``'s bias.
+
+    The layer is what ``from_pretrained(..., quantization_config=bnb_config(quantize))`` would load:
+    ``Linear4bit`` (blocks of 64, ``double_quant`` scales) for nf4/fp4, ``Linear8bitLt`` (int8 rows,
+    outlier threshold 6.0, transformers' default) for int8. The weight keeps ``linear``'s dtype
+    and device. Used to quantize a model in memory (``quantize_linears``) and by LoftQ.
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    source = (weight if weight is not None else linear.weight).detach()
+    device, dtype = linear.weight.device, linear.weight.dtype
+    if device.type == "meta":
+        raise ConfigError("cannot quantize a layer whose weights are not loaded (meta device)")
+    bnb = require_bitsandbytes(device)
+    has_bias = linear.bias is not None
+    if quantize == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                    has_fp16_weights=False, threshold=6.0, device="meta")
+        param = bnb.nn.Int8Params(source.to("cpu", dtype), requires_grad=False, has_fp16_weights=False)
+    else:
+        cdtype = _as_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(device)
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=cdtype,
+                                  compress_statistics=double_quant, quant_type=quantize, device="meta")
+        param = bnb.nn.Params4bit(source.to("cpu", dtype), requires_grad=False, blocksize=64,
+                                  compress_statistics=double_quant, quant_type=quantize, module=layer)
+    layer.weight = param.to(device)  # quantizes
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def quantize_linears(model: nn.Module, quantize: str = "nf4", int8_modules: Sequence[str] = (),
+                     compute_dtype: torch.dtype | str | None = None, double_quant: bool = True) -> int:
+    """Quantize ``model``'s float ``nn.Linear`` layers in memory; returns how many were replaced.
+
+    The alternative to loading with ``quantization_config`` for a model already in memory, and the
+    only way to mix precisions: layers whose name ends with one of ``int8_modules`` (as
+    ``down_proj``, ``v_proj``) become int8, the others ``quantize``, as llama.cpp's "_M" mixes keep
+    attention values and MLP down-projections at higher precision. The output head stays as it is
+    (transformers leaves it unquantized too), and so do LoRA's own layers and the float copies
+    ``modules_to_save`` trains. ``int8_modules`` match as ``rank_pattern`` keys do (a name or
+    regex that the end of the module path matches).
+    """
+    from .targets import pattern_key
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    count = 0
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        nonlocal count
+        for child_name, child in list(module.named_children()):
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if type(child).__name__ in ("LoraLayer", "ModulesToSaveWrapper"):
+                continue
+            if type(child) is nn.Linear and child is not head:
+                kind = "int8" if pattern_key(int8_modules, name) else quantize
+                setattr(module, child_name, quantized_linear_from(child, kind, compute_dtype=compute_dtype,
+                                                                  double_quant=double_quant))
+                count += 1
+            else:
+                visit(child, name)
+
+    visit(model, "")
+    return count
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
