@@ -8,6 +8,7 @@ A peft user changes only the import line::
 from __future__ import annotations
 
 from .config import (
+    LoftQConfig,
     LoraConfig,
     PeftConfig,
     PeftType,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptuneError",
+    "LoftQConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

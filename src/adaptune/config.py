@@ -220,6 +220,32 @@ def _check_type(name: str, value: Any, types: tuple[type, ...], allow_none: bool
 
 
 @dataclass
+class LoftQConfig:
+    """LoftQ (arXiv:2310.08659, see ``loftq.py``): the stored base's bits and the alternating
+    iterations, by peft's names. ``loftq_bits_pattern`` is adaptune's: bits per module, keyed like
+    ``rank_pattern`` (``{"down_proj": 8}`` keeps MLP down-projections int8); peft reads only the two
+    fields it knows from the ``loftq_config`` object of ``adapter_config.json``."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+    loftq_bits_pattern: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, value in (("loftq_bits", self.loftq_bits), *((f"loftq_bits_pattern[{k!r}]", v)
+                                                              for k, v in self.loftq_bits_pattern.items())):
+            if value not in (4, 8) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be 4 (nf4) or 8 (int8), got {value!r}")
+        if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
+            raise ConfigError(f"loftq_iter must be a positive integer, got {self.loftq_iter!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if not out["loftq_bits_pattern"]:
+            del out["loftq_bits_pattern"]  # written only when used, so the object is peft's own
+        return out
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """LoRA (Hu et al. 2021, arXiv:2106.09685), with DoRA (Liu et al. 2024, arXiv:2402.09353)
     and rsLoRA (Kalajdzievski 2023, arXiv:2312.03732) switches. Field names are peft's."""
@@ -239,6 +265,7 @@ class LoraConfig(PeftConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    loftq_config: dict[str, Any] | LoftQConfig = field(default_factory=dict)  # with init_lora_weights="loftq"
     # adaptune's own field: output slices of fused projections (GPT-2 "q_attn" -> c_attn rows),
     # {module suffix: [slice names]}. peft ignores it; adaptune uses it to reload sliced adapters.
     fused_slices: dict[str, list[str]] | None = None
@@ -257,12 +284,12 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         for name in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
             _check_type(name, getattr(self, name), (bool,))
-        if self.init_lora_weights not in (True, False, "gaussian", "pissa") and not (
+        if self.init_lora_weights not in (True, False, "gaussian", "pissa", "loftq") and not (
             isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith("pissa_niter_")
         ):
-            raise ConfigError(
-                f"init_lora_weights must be True, False, 'gaussian' or 'pissa', got {self.init_lora_weights!r}"
-            )
+            raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'loftq' or 'pissa', "
+                              f"got {self.init_lora_weights!r}")
+        self._check_loftq()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             _check_type(name, value, (list, tuple, set, str), allow_none=True)
@@ -281,6 +308,35 @@ class LoraConfig(PeftConfig):
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+
+    def _check_loftq(self) -> None:
+        _check_type("loftq_config", self.loftq_config, (dict, LoftQConfig))
+        if self.init_lora_weights != "loftq":
+            if self.loftq_config:
+                warnings.warn("loftq_config is ignored unless init_lora_weights='loftq'", stacklevel=4)
+                self.loftq_config = {}
+            return
+        if not self.loftq_config:
+            raise ConfigError("init_lora_weights='loftq' needs loftq_config=LoftQConfig(...)")
+        if isinstance(self.loftq_config, dict):
+            known = {f.name for f in dataclasses.fields(LoftQConfig)}
+            try:
+                loftq = LoftQConfig(**{k: v for k, v in self.loftq_config.items() if k in known})
+            except TypeError as exc:
+                raise ConfigError(f"loftq_config: {exc}") from None
+        else:
+            loftq = self.loftq_config
+        if self.use_dora:
+            raise ConfigError("LoftQ initialises plain LoRA adapters; it cannot be combined with use_dora")
+        self.loftq_config = loftq.to_dict()  # stored as a dict, as peft stores it
+
+    @property
+    def loftq(self) -> LoftQConfig | None:
+        """The LoftQ settings as a ``LoftQConfig`` (None unless ``init_lora_weights='loftq'``)."""
+        if self.init_lora_weights != "loftq":
+            return None
+        known = {f.name for f in dataclasses.fields(LoftQConfig)}
+        return LoftQConfig(**{k: v for k, v in self.loftq_config.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

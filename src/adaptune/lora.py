@@ -53,6 +53,8 @@ class AdapterSpec:
     use_dora: bool = False
     init: bool | str = True
     slices: tuple[tuple[int, int], ...] | None = None
+    loftq_bits: int = 4  # init == "loftq": the bits this layer's base is stored in
+    loftq_iter: int = 1
 
     @property
     def scaling(self) -> float:
@@ -114,6 +116,8 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.specs[name] = spec
         self.reset_parameters(name)
+        if spec.init == "loftq" and self.kind == "linear":
+            self._init_loftq(name, spec)
         if spec.use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(self._dora_weight_norm(name).detach().clone())
 
@@ -134,6 +138,18 @@ class LoraLayer(nn.Module):
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
+
+    def _init_loftq(self, name: str, spec: AdapterSpec) -> None:
+        """Replace the float base by its LoftQ-quantized layer and start the adapter from the error."""
+        if spec.slices:
+            raise ConfigError("LoftQ cannot initialise adapters on slices of a fused projection")
+        from .loftq import loftq_layer
+
+        start = loftq_layer(self.base_layer, spec.r, spec.scaling, spec.loftq_bits, spec.loftq_iter)
+        self.base_layer, self.kind = start.base_layer, module_kind(start.base_layer)
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(start.lora_A)
+            self.lora_B[name].weight.copy_(start.lora_B)
 
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:

@@ -17,7 +17,8 @@ from torch import nn
 from .config import LoraConfig, TaskType
 from .errors import ConfigError
 from .lora import AdapterSpec, LoraLayer, ModulesToSaveWrapper
-from .targets import DEFAULT_TARGETS, FUSED_SLICES, Target, model_type, pattern_key, resolve_targets
+from .targets import (DEFAULT_TARGETS, FUSED_SLICES, Target, model_type, module_kind, pattern_key,
+                      resolve_targets)
 
 # Classifier heads that task types train in full and save with the adapter (peft's lists).
 TASK_HEADS: dict[TaskType, tuple[str, ...]] = {
@@ -95,6 +96,7 @@ class LoraModel(nn.Module):
             config.layers_pattern, skip=save_names,
         )
         specs = [(t, self._spec_for(t, config)) for t in targets]  # validate all before touching
+        self._check_loftq_targets(config, targets)
         self._note_fan_in_fan_out(config, targets)
         for target, spec in specs:
             module = self.model.get_submodule(target.name)
@@ -123,10 +125,34 @@ class LoraModel(nn.Module):
         a_key = pattern_key(config.alpha_pattern, target.name)
         r = config.rank_pattern[r_key] if r_key else config.r
         alpha = config.alpha_pattern[a_key] if a_key else config.lora_alpha
-        if config.init_lora_weights not in (True, False, "gaussian"):
+        if config.init_lora_weights not in (True, False, "gaussian", "loftq"):
             raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is not supported by adaptune yet")
+        loftq = config.loftq
+        bits = 4
+        if loftq is not None:
+            b_key = pattern_key(loftq.loftq_bits_pattern, target.name)
+            bits = loftq.loftq_bits_pattern[b_key] if b_key else loftq.loftq_bits
         return AdapterSpec(r=r, alpha=alpha, dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                           use_dora=config.use_dora, init=config.init_lora_weights, slices=target.slices)
+                           use_dora=config.use_dora, init=config.init_lora_weights, slices=target.slices,
+                           loftq_bits=bits, loftq_iter=loftq.loftq_iter if loftq else 1)
+
+    def _check_loftq_targets(self, config: LoraConfig, targets: Sequence[Target]) -> None:
+        """LoftQ needs float nn.Linear targets; say what happens to the others before changing anything."""
+        if config.init_lora_weights != "loftq":
+            return
+        kinds = {t.name: module_kind(self.model.get_submodule(t.name)) for t in targets}
+        other = sorted({k for k in kinds.values() if k not in ("linear", "linear4bit", "linear8bitlt")})
+        if other:
+            raise ConfigError(f"LoftQ works on nn.Linear targets; these targets are {', '.join(other)} layers")
+        quantized = [n for n, k in kinds.items() if k != "linear"]
+        if quantized:
+            loftq = config.loftq
+            warnings.warn(
+                f"{len(quantized)} of {len(kinds)} LoftQ target layers are already quantized: LoftQ needs their "
+                f"full-precision weights, so they start as plain LoRA (load the model without "
+                f"quantization_config and LoftQ quantizes it itself)"
+                + (f"; with loftq_iter={loftq.loftq_iter} their base also differs from the one LoftQ would store"
+                   if loftq.loftq_iter > 1 else ""), stacklevel=4)
 
     def _wrap_modules_to_save(self, names: Sequence[str], adapter_name: str) -> None:
         if not names:
