@@ -98,6 +98,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--quantize-embeddings", action="store_true", default=None,
                    help="keep the frozen embedding table (and the head tied to it) as int8 rows: 4x smaller, "
                         "slower head (lora, dora, qlora)")
+    p.add_argument("--int8-modules", help="with a 4-bit base: keep these layers int8 instead, comma-separated "
+                                          "(e.g. down_proj,v_proj: closer to full precision for more memory)")
+    p.add_argument("--lora-init", choices=("default", "loftq"),
+                   help="loftq: quantize the base so that base + adapter start close to the full-precision "
+                        "weights (LoftQ; --method qlora or --quantize nf4/int8). Default: a zero adapter")
+    p.add_argument("--loftq-iter", type=int, help=f"LoftQ's alternating iterations (default {d.loftq_iter})")
     p.add_argument("--virtual-tokens", type=int, help=f"prompt/prefix methods (default {d.virtual_tokens})")
     p.add_argument("--epochs", type=float, help=f"used when --max-steps is 0 (default {d.epochs})")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps; 0 = by epochs (default {d.max_steps})")

@@ -44,6 +44,9 @@ class TrainJob:
     targets: list[str] | str | None = None  # None: the architecture's default (q_proj, v_proj...)
     quantize: str | None = None  # nf4 | fp4 | int8
     quantize_embeddings: bool = False  # int8 rows for the frozen embedding and tied head (LoRA-family methods)
+    int8_modules: list[str] | str | None = None  # with 4-bit: these layers int8 (e.g. down_proj,v_proj)
+    lora_init: str = "default"  # default | loftq (quantized base: start the adapter from the quantization error)
+    loftq_iter: int = 5  # LoftQ's alternating iterations (more: a stored base closer to the full weights)
     virtual_tokens: int = 20
     epochs: float = 1.0
     max_steps: int = 60
@@ -75,6 +78,7 @@ class TrainJob:
         if self.quantize_embeddings and self.method not in ("lora", "dora", "qlora"):
             raise ConfigError(f"--quantize-embeddings works with lora, dora and qlora; --method {self.method} "
                               "trains or reads the embedding table itself")
+        self._check_quantization()
         if self.method == "prefix-tuning" and self.gradient_checkpointing:
             raise ConfigError("--method prefix-tuning does not work with --gradient-checkpointing (the "
                               "checkpointed layers drop the KV cache that carries the prefix); turn one off")
@@ -87,6 +91,26 @@ class TrainJob:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if isinstance(self.targets, str) and self.targets not in ("all-linear",) and "," in self.targets:
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    @property
+    def quantize_kind(self) -> str | None:
+        """What the base is stored in: --quantize, or nf4 for --method qlora."""
+        return self.quantize or ("nf4" if self.method == "qlora" else None)
+
+    def _check_quantization(self) -> None:
+        if isinstance(self.int8_modules, str):
+            self.int8_modules = [m.strip() for m in self.int8_modules.split(",") if m.strip()]
+        if self.int8_modules and self.quantize_kind not in ("nf4", "fp4"):
+            raise ConfigError("--int8-modules mixes int8 layers into a 4-bit base: use it with --method qlora "
+                              "or --quantize nf4/fp4")
+        if self.lora_init not in ("default", "loftq"):
+            raise ConfigError(f"--lora-init must be default or loftq, got {self.lora_init!r}")
+        if self.lora_init == "loftq":
+            if self.method not in ("lora", "qlora") or self.quantize_kind not in ("nf4", "int8"):
+                raise ConfigError("--lora-init loftq starts LoRA from a quantized base's error: use it with "
+                                  "--method qlora, or --method lora with --quantize nf4 or int8")
+            if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+                raise ConfigError(f"--loftq-iter must be a positive integer, got {self.loftq_iter!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainJob":
@@ -142,11 +166,17 @@ def _check_job_types(job: TrainJob) -> None:
 
 def adapter_config_for(job: TrainJob, model: torch.nn.Module):
     """The peft-style config the method asks for (None for full fine-tuning)."""
-    from .config import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+    from .config import (LoftQConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                         TaskType)
 
     if job.method in ("lora", "dora", "qlora"):
+        loftq: dict[str, Any] = {}
+        if job.lora_init == "loftq":
+            loftq = {"init_lora_weights": "loftq", "loftq_config": LoftQConfig(
+                loftq_bits=8 if job.quantize_kind == "int8" else 4, loftq_iter=job.loftq_iter,
+                loftq_bits_pattern={m: 8 for m in job.int8_modules or ()})}
         return LoraConfig(r=job.r, lora_alpha=job.alpha, lora_dropout=job.dropout, target_modules=job.targets,
-                          use_dora=job.method == "dora", task_type=TaskType.CAUSAL_LM)
+                          use_dora=job.method == "dora", task_type=TaskType.CAUSAL_LM, **loftq)
     if job.method == "prompt-tuning":
         # start from embeddings of real tokens (sampled from the vocabulary), not N(0, 1) rows far
         # larger than the model's own embeddings (Lester et al.: a vocabulary init trains better)
@@ -163,16 +193,26 @@ def adapter_config_for(job: TrainJob, model: torch.nn.Module):
 
 
 def load_base(job: TrainJob):
-    """Base model + tokenizer, quantized when the method or --quantize asks for it."""
+    """Base model + tokenizer, quantized when the method or --quantize asks for it.
+
+    transformers quantizes while loading, unless layers are to be mixed (``--int8-modules``) or
+    LoftQ is to choose what each adapted layer stores: then the full-precision model is loaded and
+    quantized in memory (``quant.quantize_linears``; with LoftQ by ``wrap_model``).
+    """
     from .models import load_model_and_tokenizer
 
-    quantize = job.quantize or ("nf4" if job.method == "qlora" else None)
+    quantize = job.quantize_kind
+    in_memory = bool(quantize and (job.int8_modules or job.lora_init == "loftq"))
     kwargs: dict[str, Any] = {"dtype": job.dtype}
-    if quantize:
+    if quantize and not in_memory:
         from .quant import bnb_config
 
         kwargs["quantization_config"] = bnb_config(quantize)
     model, tokenizer = load_model_and_tokenizer(job.model, trust_remote_code=job.trust_remote_code, **kwargs)
+    if in_memory and job.lora_init != "loftq":
+        from .quant import quantize_linears
+
+        quantize_linears(model, quantize, job.int8_modules or ())
     if quantize:
         from .quant import prepare_model_for_kbit_training
 
@@ -193,7 +233,14 @@ def wrap_model(job: TrainJob, model: torch.nn.Module):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if job.lora_init == "loftq":  # LoftQ quantized the adapted layers; the others are quantized plainly
+        from .quant import keep_trainable_layout, quantize_linears, release_checkpoint_mapping
+
+        quantize_linears(peft_model.get_base_model(), job.quantize_kind, job.int8_modules or ())
+        release_checkpoint_mapping(model)
+        keep_trainable_layout(model)
+    return peft_model
 
 
 @torch.no_grad()
