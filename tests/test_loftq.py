@@ -141,6 +141,22 @@ def test_quantize_linears_equals_quantized_loading_and_mixes_int8(folder):
                      "down_proj": "Linear8bitLt"}
 
 
+def test_int8_layers_evaluate_as_they_train_on_cpu():
+    layer = nn.Sequential(quantized_linear_from(linear_with(weight_like_a_model(64, 128)), "int8"))
+    x = torch.randn(4, 128) * 3
+
+    def output(mode):
+        layer.train(mode)
+        with torch.no_grad():
+            return layer(x)
+
+    assert not torch.equal(output(False), output(True))  # bitsandbytes: int8 activations in eval only
+    assert keep_trainable_layout(layer) == 1
+    trained = output(True)
+    assert torch.equal(output(False), trained)
+    assert not layer[0].training  # the module's own mode is left as it was
+
+
 # ---- through get_peft_model / from_pretrained ------------------------------------------------------
 def loftq_config(**loftq):
     return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="loftq",

@@ -108,7 +108,7 @@ class LoraModel(nn.Module):
         self._wrap_modules_to_save(save_names, adapter_name)
         self.peft_config[adapter_name] = config
         self._set_trainable()
-        if any(layer.kind == "linear4bit" for _, layer in self.lora_layers()):
+        if any(layer.kind in ("linear4bit", "linear8bitlt") for _, layer in self.lora_layers()):
             from .quant import keep_trainable_layout
 
             keep_trainable_layout(self.model)  # see quant.py: bitsandbytes' CPU eval re-packing
