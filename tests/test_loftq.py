@@ -29,6 +29,7 @@ from adaptune.quant import (  # noqa: E402
     quantized_linear_from,
 )
 from adaptune.recipe import TrainJob  # noqa: E402
+from tests.test_qlora import ids, load_fp32, logits  # noqa: E402  (the same tiny model helpers)
 from tests.tiny import tiny_gpt2, tiny_llama  # noqa: E402
 
 SIZES = dict(hidden_size=64, intermediate_size=128)
@@ -39,19 +40,6 @@ def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama_loftq")
     tiny_llama(**SIZES).save_pretrained(path)
     return path
-
-
-def load_fp32(folder):
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
-
-
-def ids(seed=1, rows=2, cols=12):
-    return torch.randint(3, 150, (rows, cols), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def weight_like_a_model(rows=128, cols=192, seed=0):

@@ -318,14 +318,7 @@ class LoraConfig(PeftConfig):
             return
         if not self.loftq_config:
             raise ConfigError("init_lora_weights='loftq' needs loftq_config=LoftQConfig(...)")
-        if isinstance(self.loftq_config, dict):
-            known = {f.name for f in dataclasses.fields(LoftQConfig)}
-            try:
-                loftq = LoftQConfig(**{k: v for k, v in self.loftq_config.items() if k in known})
-            except TypeError as exc:
-                raise ConfigError(f"loftq_config: {exc}") from None
-        else:
-            loftq = self.loftq_config
+        loftq = self.loftq
         if self.use_dora:
             raise ConfigError("LoftQ initialises plain LoRA adapters; it cannot be combined with use_dora")
         self.loftq_config = loftq.to_dict()  # stored as a dict, as peft stores it
@@ -335,8 +328,13 @@ class LoraConfig(PeftConfig):
         """The LoftQ settings as a ``LoftQConfig`` (None unless ``init_lora_weights='loftq'``)."""
         if self.init_lora_weights != "loftq":
             return None
-        known = {f.name for f in dataclasses.fields(LoftQConfig)}
-        return LoftQConfig(**{k: v for k, v in self.loftq_config.items() if k in known})
+        if isinstance(self.loftq_config, LoftQConfig):
+            return self.loftq_config
+        known = {f.name for f in dataclasses.fields(LoftQConfig)}  # peft may add fields of its own
+        try:
+            return LoftQConfig(**{k: v for k, v in self.loftq_config.items() if k in known})
+        except TypeError as exc:
+            raise ConfigError(f"loftq_config: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
