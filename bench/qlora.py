@@ -59,14 +59,16 @@ import torch  # noqa: E402
 TEXT = ROOT / "src" / "adaptune" / "resources" / "shakespeare.txt"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "v_proj"]
-# what each variant stores: the 4-bit kind, int8 layers mixed in, LoftQ iterations, int8 embedding table
+# each variant's `adaptune train` options (TrainJob fields) beyond the shared ones
+MIXED = ["down_proj", "v_proj"]
 VARIANTS = {
-    "fp32": dict(quantize=None),
-    "nf4": dict(quantize="nf4"),
-    "nf4-emb8": dict(quantize="nf4", emb8=True),
-    "loftq-emb8": dict(quantize="nf4", loftq_iter=5, emb8=True),
-    "mixed-emb8": dict(quantize="nf4", int8_modules=("down_proj", "v_proj"), emb8=True),
-    "mixed-loftq-emb8": dict(quantize="nf4", int8_modules=("down_proj", "v_proj"), loftq_iter=5, emb8=True),
+    "fp32": dict(method="lora"),
+    "nf4": dict(method="qlora"),
+    "nf4-emb8": dict(method="qlora", quantize_embeddings=True),
+    "loftq-emb8": dict(method="qlora", lora_init="loftq", loftq_iter=5, quantize_embeddings=True),
+    "mixed-emb8": dict(method="qlora", int8_modules=MIXED, quantize_embeddings=True),
+    "mixed-loftq-emb8": dict(method="qlora", int8_modules=MIXED, lora_init="loftq", loftq_iter=5,
+                             quantize_embeddings=True),
 }
 
 
@@ -95,6 +97,7 @@ def prepare(workdir: Path, args) -> dict:
 
     forget_quantization(model)  # the GGUF tensors are fp32 now; transformers still calls it "gguf"
     model.save_pretrained(workdir / "fp32")
+    tok.save_pretrained(workdir / "fp32")
     del model
     gc.collect()
     text = TEXT.read_text(encoding="utf-8")
@@ -135,48 +138,25 @@ def perplexity(model, val: torch.Tensor, batch: int) -> float:
 
 
 def worker(variant: str, workdir: Path, args) -> dict:
-    """Load, quantize and wrap as ``adaptune train`` does for these options, then train and measure."""
-    from transformers import AutoModelForCausalLM
+    """Build the model with ``adaptune train``'s own functions for these options, then train and measure."""
+    from adaptune.quant import weight_bytes
+    from adaptune.recipe import TrainJob, load_base, wrap_model
 
-    from adaptune import LoftQConfig, LoraConfig, get_peft_model
-    from adaptune.int8_embedding import quantize_embeddings
-    from adaptune.quant import (bnb_config, keep_trainable_layout, prepare_model_for_kbit_training,
-                                quantize_linears, release_checkpoint_mapping, weight_bytes)
-
-    spec = VARIANTS[variant]
-    quantize, loftq_iter, int8_modules = spec["quantize"], spec.get("loftq_iter"), spec.get("int8_modules", ())
-    in_memory = bool(quantize and (loftq_iter or int8_modules))
+    job = TrainJob(model=str(workdir / "fp32"), r=8, alpha=16.0, dropout=0.0, dtype="float32",
+                   targets=args.targets[0] if args.targets == ["all-linear"] else args.targets,
+                   gradient_checkpointing=args.grad_ckpt, **VARIANTS[variant])
     torch.manual_seed(0)
     data = torch.load(workdir / "data.pt")
     train, val = data["train"], data["val"]
     t0 = time.perf_counter()
-    if quantize and not in_memory:
-        model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", quantization_config=bnb_config(quantize))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", dtype=torch.float32)
-        if in_memory and not loftq_iter:
-            quantize_linears(model, quantize, int8_modules)
-    if quantize:
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.grad_ckpt)
-        if spec.get("emb8"):
-            quantize_embeddings(model)
-    if args.grad_ckpt and not (quantize and not loftq_iter):  # prepare_... turned it on for a quantized model
+    model, _ = load_base(job)
+    if args.grad_ckpt and not model.is_gradient_checkpointing:  # the Trainer turns it on in adaptune train
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) \
             if hasattr(model, "activation_checkpointing_enable") else \
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(0)  # the same initial adapter in every variant (LoftQ then replaces it)
-    targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
-    loftq = {}
-    if loftq_iter:
-        loftq = dict(init_lora_weights="loftq", loftq_config=LoftQConfig(
-            loftq_iter=loftq_iter, loftq_bits_pattern={m: 8 for m in int8_modules}))
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
-                                                  **loftq))
-    if loftq_iter:  # LoftQ quantized the adapted layers; the rest as adaptune train does
-        quantize_linears(model, quantize, int8_modules)
-        release_checkpoint_mapping(model)
-        keep_trainable_layout(model)
+    peft_model = wrap_model(job, model)
     load_s = time.perf_counter() - t0
     lora_bytes = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
     out = {"variant": variant, "load_s": load_s, "weight_bytes": weight_bytes(model) - lora_bytes}
