@@ -138,11 +138,20 @@ def test_int8_layers_evaluate_as_they_train_on_cpu():
         with torch.no_grad():
             return layer(x)
 
-    assert not torch.equal(output(False), output(True))  # bitsandbytes: int8 activations in eval only
+    def input_grad():
+        layer.train(True)
+        xg = x.clone().requires_grad_(True)
+        (layer(xg) * torch.linspace(-1, 1, 64)).sum().backward()
+        return xg.grad
+
+    bnb_trained, bnb_grad = output(True), input_grad()
+    assert not torch.equal(output(False), bnb_trained)  # bitsandbytes: int8 activations in eval only
     assert keep_trainable_layout(layer) == 1
     trained = output(True)
     assert torch.equal(output(False), trained)
     assert not layer[0].training  # the module's own mode is left as it was
+    assert torch.allclose(trained, bnb_trained, atol=1e-6)  # bitsandbytes' training formula
+    assert torch.allclose(input_grad(), bnb_grad, atol=1e-6)
 
 
 # ---- through get_peft_model / from_pretrained ------------------------------------------------------

@@ -28,7 +28,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["Int8Embedding", "Int8Head", "quantize_rows", "quantize_embeddings", "dequantize_embeddings"]
+__all__ = ["Int8Embedding", "Int8Head", "int8_rows_matmul", "quantize_rows", "quantize_embeddings",
+           "dequantize_embeddings"]
 
 HEAD_BLOCK_ROWS = 8192  # vocabulary rows dequantized at a time by Int8Head (8192 x 576 fp32 = 19 MB)
 
@@ -95,6 +96,16 @@ class _Int8Matmul(torch.autograd.Function):
         return grad.to(ctx.hidden_dtype), None, None
 
 
+def int8_rows_matmul(hidden: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``hidden @ (rows * scale[:, None]).T`` for frozen int8 ``rows`` (out, in) with per-row ``scale``.
+
+    Autograd keeps only the int8 rows and the scales (backward dequantizes again), not ``hidden``:
+    the rows are frozen, so no weight gradient needs it. The head uses it, and so do bitsandbytes'
+    int8 linear layers on CPU (``quant.keep_trainable_layout``).
+    """
+    return _Int8Matmul.apply(hidden, rows, scale)
+
+
 class Int8Head(nn.Module):
     """``h @ table.T + bias`` for an :class:`Int8Embedding` table, one block of rows at a time."""
 
@@ -105,7 +116,7 @@ class Int8Head(nn.Module):
         self.in_features, self.out_features = table.embedding_dim, table.num_embeddings
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = _Int8Matmul.apply(hidden, self.table.rows, self.table.scale)
+        out = int8_rows_matmul(hidden, self.table.rows, self.table.scale)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 

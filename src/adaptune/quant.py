@@ -252,17 +252,17 @@ def keep_trainable_layout(model: nn.Module) -> int:
     and attaching a trainable adapter do). Train and eval then run the same dequantize-and-matmul
     computation in ``compute_dtype``; the cost is bitsandbytes' faster bf16 kernel for inference.
 
-    int8 layers on CPU get the same treatment: bitsandbytes trains them by dequantizing the int8
-    weight (weight-only quantization) but evaluates them with LLM.int8's fp16 activation
-    quantization, another function of the input and a slow path on CPU. Here they evaluate as
-    they train. (bench/qlora.py, SmolLM2-135M with down_proj and v_proj int8 and LoftQ: validation
-    perplexity after training 43.16 with bitsandbytes' eval path, 42.86 with this one.)
+    int8 layers on CPU get their own forward (``_int8_forward``): the int8 weight dequantized
+    times the input, in training and in eval alike. bitsandbytes instead trains them that way but
+    evaluates them with LLM.int8's fp16 activation quantization, another function of the input
+    and a slow path on CPU. Its training path also holds every int8 layer's input as an autograd
+    context attribute, which gradient checkpointing does not free.
     """
     changed = 0
     for module in model.modules():
         if layer_kind(module) == "linear8bitlt" and module.weight.device.type == "cpu" \
                 and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_int8_forward_as_in_training, module)
+            module.forward = types.MethodType(_int8_forward, module)
             changed += 1
         if layer_kind(module) != "linear4bit":
             continue
@@ -281,14 +281,14 @@ def keep_trainable_layout(model: nn.Module) -> int:
     return changed
 
 
-def _int8_forward_as_in_training(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``Linear8bitLt.forward`` in training mode whatever the module's mode (see keep_trainable_layout)."""
-    training = self.training
-    self.training = True
-    try:
-        return type(self).forward(self, x)
-    finally:
-        self.training = training
+def _int8_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A CPU ``Linear8bitLt``: ``x @ (CB * SCB / 127).T + bias``, bitsandbytes' training formula,
+    computed by ``int8_rows_matmul`` (keeps no input for backward; see keep_trainable_layout)."""
+    from .int8_embedding import int8_rows_matmul
+
+    scb = self.state.SCB if self.state.SCB is not None else self.weight.SCB
+    out = int8_rows_matmul(x, self.weight.data, scb * (1.0 / 127.0))
+    return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 def _unpack_cpu_codes(packed: torch.Tensor, n: int, k: int, block_n: int = 32) -> torch.Tensor:
