@@ -15,7 +15,7 @@ One run measures every variant the same way:
     CPU) and ``prepare_model_for_kbit_training`` (``--method qlora``);
   - ``-emb8``: the tied embedding table as int8 rows (``--quantize-embeddings``);
   - ``mixed``: loaded in fp32 and quantized in memory with ``down_proj`` and ``v_proj`` int8, the
-    rest NF4 (``--int8-modules down_proj,v_proj``);
+    rest NF4 (``--int8-modules down_proj,v_proj``); ``mixed3``: ``q_proj`` int8 as well;
   - ``loftq``: loaded in fp32; LoftQ (5 iterations) quantizes each adapted layer and starts its
     adapter from the quantization error, the other layers are quantized plainly
     (``--lora-init loftq``);
@@ -69,6 +69,8 @@ VARIANTS = {
     "mixed-emb8": dict(method="qlora", int8_modules=MIXED, quantize_embeddings=True),
     "mixed-loftq-emb8": dict(method="qlora", int8_modules=MIXED, lora_init="loftq", loftq_iter=5,
                              quantize_embeddings=True),
+    "mixed3-loftq-emb8": dict(method="qlora", int8_modules=[*MIXED, "q_proj"], lora_init="loftq", loftq_iter=5,
+                              quantize_embeddings=True),
 }
 
 
@@ -250,7 +252,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["fp32", "nf4"],
                    help="fp32 (LoRA), nf4 (QLoRA), and QLoRA with: emb8 an int8 embedding table "
                         "(--quantize-embeddings), loftq LoftQ's start with 5 iterations (--lora-init loftq), "
-                        "mixed down_proj and v_proj int8 (--int8-modules); default fp32 nf4. "
+                        "mixed down_proj and v_proj int8 (--int8-modules), mixed3 q_proj too; default fp32 nf4. "
                         "The first is the reference.")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
