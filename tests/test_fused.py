@@ -156,3 +156,83 @@ def test_fuse_gated_mlps_leaves_other_mlps_alone():
 
     assert fuse_gated_mlps(tiny_gpt2()) == 0
     assert fuse_gated_mlps(tiny_llama(hidden_act="gelu")) == 0
+
+
+def _llama_norm(x, w, eps=1e-6):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_rms_norm_same_values_and_gradients_as_llamas():
+    from adaptune.fused import rms_norm
+
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(3, 7, 48, generator=g) * 2, torch.rand(48, generator=g) + 0.5
+    got = _grads(lambda a, b: rms_norm(a, b, 1e-6), x, w)
+    want = _grads(_llama_norm, x, w)
+    assert torch.equal(got[0], want[0])  # forward: the same ops in the same order
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a frozen weight: x's gradient only, and only x and a scalar a row are kept
+    xr = x.clone().requires_grad_()
+    saved = _saved_bytes(lambda: rms_norm(xr, w, 1e-6))
+    assert saved == (x.numel() + x.numel() // 48) * 4 + w.numel() * 4
+
+
+def _lora_llama_step(fuse_norms: bool, dropout: float = 0.0):
+    from adaptune.fused import fuse_rms_norms
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                    target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    switched = fuse_rms_norms(model) if fuse_norms else 0
+    model.train()
+    ids = torch.randint(0, 100, (2, 7))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return switched, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model
+
+
+def test_fuse_rms_norms_switches_llama_norms_and_training_is_unchanged():
+    from adaptune.fused import fuse_rms_norms, unfuse_rms_norms
+
+    n_fused, loss_f, grads_f, model = _lora_llama_step(True)
+    n_plain, loss_p, grads_p, _ = _lora_llama_step(False)
+    assert n_fused == 2 * model.config.num_hidden_layers + 1 and n_plain == 0  # two a layer + the final one
+    assert torch.equal(loss_f, loss_p)
+    assert grads_f.keys() == grads_p.keys() and grads_f
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-5, atol=1e-6)
+    assert fuse_rms_norms(model) == n_fused  # idempotent
+    assert unfuse_rms_norms(model) == n_fused
+    assert not any("forward" in vars(m) for m in model.modules() if "Norm" in type(m).__name__)
+
+
+def test_fuse_rms_norms_leaves_other_norms_and_dtypes_alone():
+    from adaptune.fused import fuse_rms_norms
+    from tests.tiny import tiny_gpt2
+
+    assert fuse_rms_norms(tiny_gpt2()) == 0  # LayerNorm: a probe mismatch
+    model = tiny_llama().to(torch.bfloat16)
+    assert fuse_rms_norms(model) == 0  # bf16 weights keep the module's own casts
+
+
+def test_lora_output_added_in_one_addmm_matches_base_plus_b_of_a():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    out = layer(x)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = layer.base_layer(x) + layer.scaling("default") * (x @ a.T) @ b.T
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(out.square().sum(), (x, a, b))
+    expected = torch.autograd.grad(want.square().sum(), (x, a, b))
+    for g1, g2 in zip(got, expected):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
+    one = torch.randn(layer.in_features)  # a 1-d input keeps its shape
+    assert layer(one).shape == (layer.out_features,)

@@ -1,4 +1,4 @@
-"""Two autograd functions that keep less for backward than the plain ops, for the same numbers.
+"""Autograd functions that keep less for backward than the plain ops, for the same numbers.
 
 ``dropout_linear``: LoRA's ``A(dropout(x))`` keeping a 1-byte mask instead of two copies of x.
 
@@ -15,6 +15,14 @@ gate (for silu), silu(gate) and up (for the product): three intermediate-wide te
 layer, more than half of what a q/v LoRA step keeps on such a model. This keeps gate and up and
 makes silu(gate) again in backward (elementwise, no matmul). ``fuse_gated_mlps`` switches a
 model's MLP modules to it where a numerical probe shows the module computes exactly that.
+
+``rms_norm``: Llama's RMSNorm, ``w * x * rsqrt(mean(x^2) + eps)``, in one buffer. The plain ops
+allocate three token x hidden tensors per norm (x^2, the normalised x, its product with w) and keep
+two of them for backward, interleaved with the tensors that live until backward. On a CPU, whose
+allocator cannot move blocks, those short-lived holes are what makes a step's resident memory
+grow well past what autograd keeps. Here forward writes x^2, then the output, into one buffer and
+keeps x and the per-token rsqrt; backward uses one buffer too. ``fuse_rms_norms`` switches the
+modules whose output a probe shows to be bit-identical.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["dropout_mask", "dropout_linear", "swiglu", "fuse_gated_mlps", "unfuse_gated_mlps"]
+__all__ = ["dropout_mask", "dropout_linear", "swiglu", "fuse_gated_mlps", "unfuse_gated_mlps", "rms_norm",
+           "fuse_rms_norms", "unfuse_rms_norms"]
 
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
@@ -38,8 +47,9 @@ class _DropoutLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+        # the 1 / (1 - p) goes on the r-wide output, not the x-wide input: one temporary, not two
         scale = 1.0 / (1.0 - p)
-        out = F.linear(x * mask * scale, weight)
+        out = F.linear(x * mask, weight).mul_(scale)
         ctx.save_for_backward(x, weight, mask)
         ctx.scale = scale
         return out
@@ -49,10 +59,10 @@ class _DropoutLinear(torch.autograd.Function):
         x, weight, mask = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight) * mask * ctx.scale
+            grad_x = (grad_out @ weight).mul_(mask).mul_(ctx.scale)
         if ctx.needs_input_grad[1]:
-            dropped = (x * mask * ctx.scale).reshape(-1, x.shape[-1])
-            grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped
+            dropped = (x * mask).reshape(-1, x.shape[-1])
+            grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).mul_(ctx.scale)
         return grad_x, grad_weight, None, None
 
 
@@ -154,5 +164,98 @@ def unfuse_gated_mlps(model: nn.Module) -> int:
         if getattr(module, "_adaptune_swiglu", False):
             vars(module).pop("forward", None)
             del module._adaptune_swiglu
+            count += 1
+    return count
+
+
+# ---- RMSNorm ---------------------------------------------------------------------------------------
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` in fp32, saving x and the per-row rsqrt."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out = x.pow(2)
+        rstd = torch.rsqrt(out.mean(-1, keepdim=True) + eps)
+        torch.mul(x, rstd, out=out)
+        out.mul_(weight)  # the same products, in the same order, as weight * (x * rstd)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            normed = x * rstd
+            grad_weight = (grad_out * normed).reshape(-1, x.shape[-1]).sum(0)
+            del normed
+        if ctx.needs_input_grad[0]:
+            # d/dx of w * x * r, r = (mean(x^2) + eps)^-1/2:  r * gw - x * r^3 * mean(gw * x), gw = g * w
+            gw = grad_out * weight
+            dot = torch.matmul(gw.unsqueeze(-2), x.unsqueeze(-1)).squeeze(-1)  # (..., 1): no full temp
+            coef = rstd.pow(3).mul_(dot).div_(x.shape[-1])
+            grad_x = gw.mul_(rstd).addcmul_(x, coef, value=-1.0)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm for fp32 ``x`` and ``weight``; under autograd it allocates one output buffer
+    and keeps x and one scalar a row for backward."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps)
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _fused_rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
+        return type(self).forward(self, hidden_states)  # other dtypes: the module's own casts
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _norm_probe_matches(norm: nn.Module) -> bool:
+    """Whether ``norm(x)`` equals :func:`rms_norm` bit for bit on a random fp32 input."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.dtype != torch.float32:
+        return False
+    if not isinstance(getattr(norm, "variance_epsilon", None), float):
+        return False
+    try:
+        with torch.no_grad():
+            gen = torch.Generator(device=weight.device).manual_seed(0)  # leaves the global RNG alone
+            x = torch.randn(2, 3, weight.shape[0], generator=gen, device=weight.device)
+            want = norm(x)
+            got = _RMSNorm.forward(types.SimpleNamespace(save_for_backward=lambda *t: None), x, weight,
+                                   norm.variance_epsilon)
+    except Exception:  # noqa: BLE001 - any module we cannot run this way is left alone
+        return False
+    return isinstance(want, torch.Tensor) and want.shape == got.shape and torch.equal(want, got)
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Run every Llama-style RMSNorm of ``model`` through :func:`rms_norm` (fp32 inputs only);
+    returns how many were switched. A module qualifies when it has a 1-d ``weight`` and a float
+    ``variance_epsilon`` and a probe gives bit-identical output (Gemma's ``1 + weight`` does not)."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "_adaptune_rms_norm", False):
+            count += 1
+            continue
+        if "Norm" not in type(module).__name__ or not _norm_probe_matches(module):
+            continue
+        module.forward = types.MethodType(_fused_rms_norm_forward, module)
+        module._adaptune_rms_norm = True
+        count += 1
+    return count
+
+
+def unfuse_rms_norms(model: nn.Module) -> int:
+    """Undo :func:`fuse_rms_norms`; returns how many modules were restored."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "_adaptune_rms_norm", False):
+            vars(module).pop("forward", None)
+            del module._adaptune_rms_norm
             count += 1
     return count

@@ -271,20 +271,25 @@ class LoraLayer(nn.Module):
                                   scale_grad_by_freq=self.base_layer.scale_grad_by_freq,
                                   sparse=self.base_layer.sparse)
             return (after_a @ self.lora_embedding_B[name].T) * spec.scaling
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        dropout = self.lora_dropout[name]
-        x = x.to(lora_a.weight.dtype)
         if spec.use_dora:
-            return self._dora_out(x, dropout(x), name, base_out)
+            x = x.to(self.lora_A[name].weight.dtype)
+            return self._dora_out(x, self.lora_dropout[name](x), name, base_out)
+        hidden = self._lora_hidden(x, name)
+        if not spec.slices:
+            return self.lora_B[name](hidden)
+        return self._sliced_out(hidden, name, spec)
+
+    def _lora_hidden(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``scaling * A(dropout(x))``: the r-wide input of B."""
+        lora_a, dropout, scaling = self.lora_A[name], self.lora_dropout[name], self.specs[name].scaling
+        x = x.to(lora_a.weight.dtype)
         if isinstance(dropout, nn.Dropout) and dropout.training and lora_a.bias is None:
             hidden = dropout_linear(x, lora_a.weight, dropout.p)  # keeps a bool mask, not x twice
         else:
             hidden = lora_a(dropout(x))
-        if spec.scaling != 1:  # scale the r-wide hidden, not the out-wide result (and its gradient)
-            hidden = hidden * spec.scaling
-        if not spec.slices:
-            return lora_b(hidden)
-        return self._sliced_out(hidden, name, spec)
+        if scaling != 1:  # scale the r-wide hidden, not the out-wide result (and its gradient)
+            hidden = hidden * scaling
+        return hidden
 
     def _sliced_out(self, hidden: torch.Tensor, name: str, spec: AdapterSpec) -> torch.Tensor:
         """Per-slice B blocks placed into their output rows; untouched rows get zeros."""
@@ -325,8 +330,21 @@ class LoraLayer(nn.Module):
             return self._mixed_forward(x, result)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._lora_out(x, name, result).to(result.dtype)
+                result = self._add_lora_out(x, name, result)
         return result
+
+    def _add_lora_out(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """``result`` + the adapter's output. A plain LoRA does B's product and the sum in one
+        ``addmm``: one out-wide tensor a layer instead of two."""
+        spec = self.specs[name]
+        lora_b = self.lora_B[name] if not self.is_embedding and name in self.lora_B else None
+        if spec.use_dora or spec.slices or lora_b is None or lora_b.bias is not None \
+                or lora_b.weight.dtype != result.dtype:
+            return result + self._lora_out(x, name, result).to(result.dtype)
+        hidden = self._lora_hidden(x, name)
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                           lora_b.weight.t())
+        return flat.view(result.shape)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row gets its own adapter (``__base__`` = none), as peft's adapter_names."""
