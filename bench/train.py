@@ -140,9 +140,9 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
         if tool == "adaptune-pack":
             train = pack_examples([Example(r, list(r)) for r in train_rows], common.MAX_LENGTH)
             collator = CountingCollator(DataCollator(pad, packing=True))
-        else:
-            collator = CountingCollator(BatchPackingCollator(pad, common.MAX_LENGTH))
         micro = None if tool == "adaptune-whole" else micro_batch_tokens
+        if tool != "adaptune-pack":  # rows as wide as a micro-batch (packed attention: no cost for width)
+            collator = CountingCollator(BatchPackingCollator(pad, micro or common.BATCH * common.MAX_LENGTH))
         trainer = Trainer(model=peft_model, args=TrainingArguments(**common_args, micro_batch_tokens=micro),
                           train_dataset=train, data_collator=collator)
     clock = step_clock()

@@ -219,7 +219,7 @@ def test_trainer_chunked_loss_and_micro_batches_train_exactly_as_plain(tmp_path,
     monkeypatch.setattr(loss_module, "causal_lm_loss",
                         lambda model, inputs, *a, **k: rows_seen.append(len(inputs["input_ids"])) or real(model, inputs, *a, **k))
     _, ref_losses, ref_w = train_lora(tmp_path, "plain", packing, chunked_loss=False, fused_mlp_activation=False,
-                                      fused_rms_norm=False)
+                                      fused_rms_norm=False, packed_attention=False)
     assert rows_seen == []
     chunk_trainer, losses, w = train_lora(tmp_path, "chunked", packing, loss_chunk_rows=5)
     assert len(rows_seen) == 3 and max(rows_seen) > 1

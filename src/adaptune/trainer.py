@@ -21,6 +21,8 @@ and resume machinery, and change only what makes a classic script break or waste
 - Gated-SiLU MLPs keep two intermediate tensors for backward instead of three
   (``fused_mlp_activation``), and fp32 Llama-style RMSNorms run in one buffer (``fused_rms_norm``):
   fewer short-lived tensors, a smaller resident peak on a CPU (:mod:`adaptune.fused`).
+- Packed rows attend one example at a time (``packed_attention``, :mod:`adaptune.attention`):
+  a row's attention costs what its examples' do, so rows can be as wide as a batch, unpadded.
 - ``cpu_keep_freed_memory`` (off by default) lets glibc keep freed memory for the next step on a
   CPU (:mod:`adaptune.allocator`): far fewer page faults, but no measured speed gain here.
 
@@ -31,6 +33,7 @@ otherwise; ``dataloader_pin_memory`` is on only with a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -146,6 +149,13 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "fp32 Llama-style RMSNorms: one autograd function that writes into one buffer and keeps "
                           "x and a scalar a row for backward (adaptune.fused.rms_norm): fewer short-lived "
                           "tensors between the kept ones, so a smaller resident peak on a CPU; same outputs."},
+    )
+    packed_attention: bool = field(
+        default=True,
+        metadata={"help": "While training, run models whose attention is sdpa with adaptune.attention: packed "
+                          "rows (position_ids restarting at each example) attend one example at a time, so "
+                          "no block-diagonal mask over the whole row and no padding is needed. Batches with a "
+                          "padding mask run transformers' sdpa as before."},
     )
     cpu_keep_freed_memory: bool = field(
         default=False,
@@ -404,13 +414,21 @@ class Trainer(transformers.Trainer):
             from adaptune.allocator import keep_freed_memory
 
             keep_freed_memory()
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                               ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        with self._packed_attention():
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                   ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         guard = self.divergence_guard
         if guard.diverged and guard in self.callback_handler.callbacks:
             last = last_complete_checkpoint(self.args.output_dir)
             raise TrainingDiverged(guard.message + f"; last good checkpoint: {last or 'none was saved'}")
         return output
+
+    def _packed_attention(self):
+        if not getattr(self.args, "packed_attention", False) or self.model is None:
+            return contextlib.nullcontext(0)
+        from adaptune.attention import packed_attention
+
+        return packed_attention(self.model)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         ids, labels = inputs.get("input_ids"), inputs.get("labels")

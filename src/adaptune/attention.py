@@ -1,0 +1,134 @@
+"""Attention for packed rows, one example at a time: no padding and no attention across examples.
+
+A packed row holds several examples back to back; their ``position_ids`` restart at 0 at each one
+(``DataCollator(packing=True)``, ``BatchPackingCollator``). transformers' ``sdpa`` keeps them
+apart with a block-diagonal mask over the whole row::
+
+    row:   [a a a b b c c c c]       sdpa + mask: one 9 x 9 product,      this: a 3 x 3, a 2 x 2
+    mask:  a sees a, b sees b, ...   most of it masked out                 and a 4 x 4 causal product
+
+so its cost grows with the square of the row, and a mask keeps the fused causal kernel off. Here
+each example runs its own causal ``scaled_dot_product_attention``: the attention work is that of
+the examples alone, whatever the row width. Rows may then be as wide as a whole batch, and a
+batch of short examples becomes one row with no padding at all (``BatchPackingCollator`` with a
+wide ``max_length``). This is what FlashAttention-2's variable-length path does on a GPU
+(``cu_seqlens`` from ``position_ids``), written with PyTorch's own kernel so it runs on a CPU.
+
+Anything else (a padding mask, a KV cache, one token at a time) goes to transformers' ``sdpa``
+unchanged. :func:`packed_attention` switches a model from ``sdpa`` to this for a block of code.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PACKED_SDPA", "packed_attention", "packed_sdpa_forward", "segments", "register"]
+
+PACKED_SDPA = "adaptune_packed_sdpa"
+_NO_PADDING = "_adaptune_no_padding"  # set on a mask that only keeps examples apart
+
+
+def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the ``(start, stop)`` column ranges of its examples: a new one wherever the position
+    does not follow the previous one by 1 (as transformers' ``find_packed_sequence_indices``)."""
+    rows = position_ids.reshape(-1, position_ids.shape[-1])
+    starts = torch.ones_like(rows, dtype=torch.bool)
+    starts[:, 1:] = rows[:, 1:] != rows[:, :-1] + 1
+    width = rows.shape[1]
+    out = []
+    for row in starts.tolist():
+        cuts = [i for i, s in enumerate(row) if s] + [width]
+        out.append(list(zip(cuts[:-1], cuts[1:])))
+    return out
+
+
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: query (B, H, T, D), key/value (B, H_kv, T, D) -> (B, T, H, D)."""
+    position_ids = kwargs.get("position_ids")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    unpadded = attention_mask is None or getattr(attention_mask, _NO_PADDING, False)
+    if (not unpadded or position_ids is None or not causal or kwargs.get("position_bias") is not None
+            or query.shape[2] != key.shape[2] or query.shape[2] < 2):
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)
+    p = dropout if module.training else 0.0
+    gqa = query.shape[1] != key.shape[1]
+    rows = segments(position_ids.expand(query.shape[0], -1))
+    if all(len(r) == 1 for r in rows):  # nothing packed: one causal call
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, is_causal=True, scale=scaling,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # (B, T, H, D)
+    by_length: dict[int, list[tuple[int, int]]] = {}
+    for b, spans in enumerate(rows):
+        for start, stop in spans:
+            by_length.setdefault(stop - start, []).append((b, start))
+    for length, places in by_length.items():  # examples of one length: one batched call
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([t[b, :, s:s + length] for b, s in places]) if len(places) > 1 \
+                else t[places[0][0]:places[0][0] + 1, :, places[0][1]:places[0][1] + length]
+        pieces = F.scaled_dot_product_attention(take(query), take(key), take(value), dropout_p=p, is_causal=True,
+                                                scale=scaling, enable_gqa=gqa)
+        for (b, s), piece in zip(places, pieces):
+            out[b, s:s + length] = piece.transpose(0, 1)
+    return out, None
+
+
+def _packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """sdpa's mask, marked when it holds no padding: the attention may then go by position_ids
+    instead, and a model that does not hand position_ids to its attention still gets the mask."""
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is not None and flash_attention_mask(*args, **kwargs) is None:
+        setattr(mask, _NO_PADDING, True)
+    return mask
+
+
+def register() -> str:
+    """Register the attention function and its mask function with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+    AttentionMaskInterface.register(PACKED_SDPA, _packed_mask)
+    return PACKED_SDPA
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The distinct transformers configs of ``model``'s modules whose attention is ``sdpa``."""
+    seen: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+@contextmanager
+def packed_attention(model: nn.Module) -> Iterator[int]:
+    """Within the block, every ``sdpa`` attention of ``model`` runs :func:`packed_sdpa_forward`;
+    yields how many configs were switched (0: nothing to do, e.g. eager or FlashAttention models)."""
+    configs = _configs(model)
+    if configs:
+        register()
+    for config in configs:
+        config._attn_implementation = PACKED_SDPA
+    try:
+        yield len(configs)
+    finally:
+        for config in configs:
+            config._attn_implementation = "sdpa"

@@ -1,0 +1,99 @@
+"""adaptune.attention: packed rows attend one example at a time, with the same numbers as
+transformers' sdpa with its block-diagonal mask, and as the examples run alone."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from adaptune import LoraConfig, get_peft_model
+from adaptune.attention import PACKED_SDPA, packed_attention, segments
+from tests.tiny import tiny_gpt2, tiny_llama
+
+
+def _packed(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pieces = [torch.randint(3, 100, (n,), generator=g) for n in lengths]
+    ids = torch.cat(pieces)[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    return pieces, ids, pos
+
+
+def test_segments_start_wherever_positions_do_not_follow():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
+    assert segments(pos) == [[(0, 3), (3, 5), (5, 8)], [(0, 8)]]
+
+
+def test_packed_row_equals_each_example_alone_and_sdpas_masked_row():
+    model = tiny_llama()
+    model.config.use_cache = False
+    pieces, ids, pos = _packed([5, 1, 3, 7])
+    with torch.no_grad():
+        masked = model(input_ids=ids, position_ids=pos).logits  # sdpa + block-diagonal mask
+        with packed_attention(model) as switched:
+            assert switched == 1 and model.config._attn_implementation == PACKED_SDPA
+            got = model(input_ids=ids, position_ids=pos).logits
+        alone = torch.cat([model(input_ids=p[None]).logits for p in pieces], dim=1)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_gradients_equal_sdpas_masked_row():
+    def grads(packed: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+        model.train()
+        model.config.use_cache = False  # as under the Trainer (a cache turns transformers' packed mask off)
+        _, ids, pos = _packed([6, 4, 9], seed=1)
+        ids = torch.cat([ids, ids.flip(1)])  # two rows, the same segments
+        with packed_attention(model) if packed else contextlib.nullcontext():
+            model(input_ids=ids, position_ids=pos.expand(2, -1), labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    got, want = grads(True), grads(False)
+    assert got.keys() == want.keys() and len(got) == 2 * 3 * 2
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_padding_masks_and_generation_take_sdpas_own_path():
+    model = tiny_llama()
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        plain_gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        with packed_attention(model):
+            got = model(input_ids=ids, attention_mask=mask).logits
+            packed_gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed_gen, plain_gen)
+
+
+def test_models_without_sdpa_are_left_alone():
+    model = tiny_llama()
+    model.set_attn_implementation("eager")
+    with packed_attention(model) as switched:
+        assert switched == 0 and model.config._attn_implementation == "eager"
+    gpt2 = tiny_gpt2()
+    with packed_attention(gpt2) as switched:  # GPT-2 runs sdpa too; its packed rows work the same way
+        out = gpt2(input_ids=torch.randint(3, 100, (1, 8)), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
+    assert out.logits.shape == (1, 8, gpt2.config.vocab_size)
+
+
+def test_examples_of_one_length_in_several_rows_match_too():
+    model = tiny_llama()
+    model.config.use_cache = False
+    _, ids, pos = _packed([4, 4, 3, 4], seed=2)
+    ids, pos = torch.cat([ids, ids.roll(3, 1)]), torch.cat([pos, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]])])
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=pos).logits
+        with packed_attention(model):
+            got = model(input_ids=ids, position_ids=pos).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
