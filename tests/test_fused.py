@@ -236,3 +236,19 @@ def test_lora_output_added_in_one_addmm_matches_base_plus_b_of_a():
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
     one = torch.randn(layer.in_features)  # a 1-d input keeps its shape
     assert layer(one).shape == (layer.out_features,)
+
+
+def test_dropout_linear_backward_under_cpu_bf16_autocast_gives_gradients_in_the_inputs_dtypes():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=P, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.train()
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == 2 * 2 * 2
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())

@@ -58,11 +58,12 @@ class _DropoutLinear(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, mask = ctx.saved_tensors
         grad_x = grad_weight = None
+        low = grad_out.dtype  # under autocast the product ran, and its gradient comes, in a lower precision
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight).mul_(mask).mul_(ctx.scale)
+            grad_x = (grad_out @ weight.to(low)).mul_(mask).mul_(ctx.scale).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = (x * mask).reshape(-1, x.shape[-1])
-            grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).mul_(ctx.scale)
+            dropped = (x * mask).reshape(-1, x.shape[-1]).to(low)
+            grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).mul_(ctx.scale).to(weight.dtype)
         return grad_x, grad_weight, None, None
 
 
