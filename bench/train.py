@@ -16,15 +16,17 @@ Tools:
 
 - ``peft``: peft's LoRA + transformers.Trainer, right-padded batches (labels -100 on padding, the
   DataCollatorForLanguageModeling recipe without masking real EOS tokens), full logits, its loss.
-- ``adaptune``: adaptune's LoRA + adaptune.Trainer; each batch's 8 examples packed into rows of
-  at most 128 tokens (BatchPackingCollator: restarting position_ids, no padding compute, the
-  batch's own loss and gradient), output head + loss only at labelled positions in 256-row chunks
-  (chunked_loss, on by default), and ``micro_batch_tokens=512`` (forward/backward in row groups of
-  at most 512 tokens: less activation memory, same gradients; ``--micro-batch-tokens`` changes it).
-  Its Trainer also keeps 2 instead of 3 MLP tensors for backward (fused_mlp_activation), LoRA
-  dropout keeps a bool mask (adaptune.fused). (The three runs in README were made with
-  cpu_keep_freed_memory on, then its default; bench/step_profile.py shows it does not change speed.)
-- ``adaptune-whole``: the same without micro-batches (each batch in one forward): faster, more memory.
+- ``adaptune``: adaptune's LoRA + adaptune.Trainer with its defaults; each batch's 8 examples
+  packed into rows of at most 512 tokens (BatchPackingCollator: restarting position_ids, the batch's
+  own loss and gradient, almost no padding), each example attending only to itself
+  (adaptune.attention, ``packed_attention``: one causal attention call per example length, so a
+  wide row costs no extra attention), the output head + loss only at labelled positions in 256-row
+  chunks (chunked_loss), and ``micro_batch_tokens=512`` (forward/backward in row groups of at most
+  512 tokens: less activation memory, same gradients; ``--micro-batch-tokens`` changes both 512s).
+  Its Trainer also keeps 2 instead of 3 MLP tensors for backward (fused_mlp_activation), runs
+  RMSNorm in one buffer (fused_rms_norm), and LoRA dropout keeps a bool mask (adaptune.fused).
+- ``adaptune-whole``: the same with rows of up to 1,024 tokens and no micro-batches (each batch in
+  one forward): fewer passes over the weights, more memory.
 - ``adaptune-pack`` (not run by default; ``--tools``): the whole data set first-fit packed into
   128-token rows, 8 rows a step, as ``adaptune train`` does: fewer, larger optimizer steps.
 
