@@ -2,6 +2,7 @@
 
     python bench/step_profile.py                  # 8 x 128 tokens, LoRA r=8 dropout 0.05 on q/v
     python bench/step_profile.py --tokens 512
+    python bench/step_profile.py --ops           # where one step's time goes, op by op
 
 A diagnostic behind bench/train.py's numbers, not a comparison. For each setting it prints:
 
@@ -12,6 +13,11 @@ A diagnostic behind bench/train.py's numbers, not a comparison. For each setting
   to the OS as glibc does by default, and kept (``adaptune.allocator.keep_freed_memory``). Each
   allocator setting runs in a fresh process (a mallopt cannot be undone), after the model loads,
   and reports the loop's peak RSS too.
+
+With ``--ops`` it prints instead where the time of one step goes (the Trainer's defaults: fused
+paths, packed attention): the share of matrix products and their GFLOP/s against this machine's
+fp32 GEMM speed measured in the same run, attention, dropout masks and the other ops, and the
+useful rate as bench/train.py counts it (4 N FLOP a token).
 """
 
 from __future__ import annotations
@@ -107,12 +113,70 @@ def child(tokens: int, keep: bool, steps: int) -> dict:
             "peak_rss_mb": common.peak_rss_mb(), "tok_s": inputs["input_ids"].numel() / statistics.median(times)}
 
 
+def op_profile(tokens: int) -> None:
+    """Time shares of one training step by kind of op (torch.profiler), and the GEMM rates."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from adaptune.attention import packed_attention
+    from adaptune.fused import fuse_rms_norms
+    from adaptune.loss import causal_lm_loss
+
+    model, inputs = build(tokens, fused=True)
+    fuse_rms_norms(model)
+    inputs["position_ids"] = torch.arange(128).repeat(inputs["input_ids"].shape[0], 1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    n_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+    def step() -> None:
+        loss, _ = causal_lm_loss(model, inputs, None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    gemm = common.matmul_gflops()
+    with packed_attention(model):
+        for _ in range(2):
+            step()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    kinds = {"matrix products (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+             "attention kernels": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+             "dropout masks (random numbers)": ("aten::uniform_",)}
+    step_s = statistics.median(times)
+    useful = 4 * n_params * tokens / step_s / 1e9
+    print(f"{tokens} tokens a step: {step_s:.2f} s; fp32 GEMM {gemm:.0f} GFLOP/s measured now; useful "
+          f"{useful:.0f} GFLOP/s = {100 * useful / gemm:.0f}% of it (4 N FLOP a token, N = {n_params / 1e6:.1f}M)")
+    seen = set()
+    for kind, names in kinds.items():
+        picked = [e for e in events if e.key in names]
+        seen.update(e.key for e in picked)
+        t = sum(e.self_cpu_time_total for e in picked)
+        flops = sum(e.flops for e in picked)
+        rate = f", {flops / t / 1e3:.0f} GFLOP/s = {100 * flops / t / 1e3 / gemm:.0f}% of GEMM" if flops else ""
+        print(f"  {kind:34}: {100 * t / total:4.1f}% of the step{rate}")
+    rest = sorted((e for e in events if e.key not in seen), key=lambda e: -e.self_cpu_time_total)
+    print(f"  {'everything else':34}: {100 * sum(e.self_cpu_time_total for e in rest) / total:4.1f}%, most: " + ", ".join(
+        f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.1f}%" for e in rest[:6]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=1024, help="tokens a step, in 128-token rows (default 1024)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per allocator setting (default 5)")
     p.add_argument("--child", choices=["default", "keep"], help=argparse.SUPPRESS)
+    p.add_argument("--ops", action="store_true", help="where one step's time goes, op by op (no memory runs)")
     args = p.parse_args()
+    if args.ops:
+        op_profile(args.tokens)
+        return
     if args.child:
         print("RESULT " + json.dumps(child(args.tokens, args.child == "keep", args.steps)), flush=True)
         return

@@ -330,5 +330,5 @@ def test_lora_forward_is_base_plus_scaled_delta(dropout):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         g_got = torch.autograd.grad(got.square().sum(), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight])
         g_ref = torch.autograd.grad(ref.square().sum(), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight])
-        for a, b in zip(g_got, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g_got, g_ref):  # fp32 sums in another order (dropout's scale on the r-wide side)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

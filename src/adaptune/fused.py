@@ -7,7 +7,7 @@ x) and the dropped input (as big again, for A's gradient), per adapted layer; q_
 the same x, so a LoRA on both keeps four x-sized tensors per decoder layer. Here forward keeps x
 itself (which q and v share, so it is one tensor) and a bool mask per layer, and backward makes the
 dropped input again (one multiply). Same values and gradients as the plain path for the same mask;
-the mask comes from ``torch.rand`` (about twice as fast as ``bernoulli_`` on a CPU), so the random
+the mask comes from 16-bit slices of random 64-bit words (see ``dropout_mask``), so the random
 stream differs from ``nn.Dropout``'s.
 
 ``swiglu``: the gated MLP's ``silu(gate) * up`` (Llama, Mistral, Qwen, SmolLM...). Autograd keeps
@@ -38,8 +38,14 @@ __all__ = ["dropout_mask", "dropout_linear", "swiglu", "fuse_gated_mlps", "unfus
 
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool keep-mask shaped like ``like``: each element kept with probability 1 - p."""
-    return torch.rand(like.shape, device=like.device) >= p
+    """Bool keep-mask shaped like ``like``: each element kept with probability 1 - p (p rounded to a
+    multiple of 1/65536). One random 64-bit word gives four 16-bit draws: a third of the time of
+    ``torch.rand(...) >= p`` on a CPU, where drawing the masks was 3% of a LoRA step."""
+    n = like.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
+    words.random_(torch.iinfo(torch.int64).min, None)  # all 64 bits uniform
+    draws = words.view(torch.int16)[:n]  # uniform over -32768..32767
+    return (draws >= round(p * 65536) - 32768).view(like.shape)
 
 
 class _DropoutLinear(torch.autograd.Function):
@@ -86,18 +92,17 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)  # in place: one intermediate-wide tensor, not two
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
-            grad_up = grad_out * gate * sig
+            grad_up = F.silu(gate).mul_(grad_out)
         if ctx.needs_input_grad[0]:
-            # d silu(g) / dg = sig * (1 + g * (1 - sig))
-            grad_gate = grad_out * up * sig * (1 + gate * (1 - sig))
+            # aten's own fused kernel: grad * sig * (1 + g * (1 - sig)) in one pass, not five
+            grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
         return grad_gate, grad_up
 
 
