@@ -33,9 +33,22 @@ PACKED_SDPA = "adaptune_packed_sdpa"
 _NO_PADDING = "_adaptune_no_padding"  # set on a mask that only keeps examples apart
 
 
+_last: list[Any] = [None, -1, None]  # (position_ids, its version, its segments): every layer asks again
+
+
 def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the ``(start, stop)`` column ranges of its examples: a new one wherever the position
-    does not follow the previous one by 1 (as transformers' ``find_packed_sequence_indices``)."""
+    does not follow the previous one by 1 (as transformers' ``find_packed_sequence_indices``).
+    The answer for the last tensor asked about is kept: all layers of a forward share it, and it
+    costs a device-to-host copy."""
+    if _last[0] is position_ids and _last[1] == position_ids._version:
+        return _last[2]
+    found = _segments(position_ids)
+    _last[:] = [position_ids, position_ids._version, found]
+    return found
+
+
+def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     rows = position_ids.reshape(-1, position_ids.shape[-1])
     starts = torch.ones_like(rows, dtype=torch.bool)
     starts[:, 1:] = rows[:, 1:] != rows[:, :-1] + 1
@@ -66,7 +79,9 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
                        is_causal=is_causal, **kwargs)
     p = dropout if module.training else 0.0
     gqa = query.shape[1] != key.shape[1]
-    rows = segments(position_ids.expand(query.shape[0], -1))
+    rows = segments(position_ids)
+    if len(rows) != query.shape[0]:  # one row of positions for the whole batch
+        rows = rows * query.shape[0]
     if all(len(r) == 1 for r in rows):  # nothing packed: one causal call
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, is_causal=True, scale=scaling,
                                              enable_gqa=gqa)

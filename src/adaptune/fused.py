@@ -102,7 +102,8 @@ class _SwiGLU(torch.autograd.Function):
             grad_up = F.silu(gate).mul_(grad_out)
         if ctx.needs_input_grad[0]:
             # aten's own fused kernel: grad * sig * (1 + g * (1 - sig)) in one pass, not five
-            grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
+            grad_gate = grad_out * up
+            torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
         return grad_gate, grad_up
 
 
