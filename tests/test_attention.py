@@ -81,10 +81,15 @@ def test_models_without_sdpa_are_left_alone():
     model.set_attn_implementation("eager")
     with packed_attention(model) as switched:
         assert switched == 0 and model.config._attn_implementation == "eager"
-    gpt2 = tiny_gpt2()
-    with packed_attention(gpt2) as switched:  # GPT-2 runs sdpa too; its packed rows work the same way
-        out = gpt2(input_ids=torch.randint(3, 100, (1, 8)), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
-    assert out.logits.shape == (1, 8, gpt2.config.vocab_size)
+    gpt2 = tiny_gpt2()  # runs sdpa too: switched, and its packed rows come out as transformers' do
+    gpt2.config.use_cache = False
+    ids, pos = torch.randint(3, 100, (1, 8)), torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        want = gpt2(input_ids=ids, position_ids=pos).logits
+        with packed_attention(gpt2) as switched:
+            got = gpt2(input_ids=ids, position_ids=pos).logits
+    assert switched == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_examples_of_one_length_in_several_rows_match_too():

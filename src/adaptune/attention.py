@@ -92,14 +92,19 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         for start, stop in spans:
             by_length.setdefault(stop - start, []).append((b, start))
     for length, places in by_length.items():  # examples of one length: one batched call
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return torch.stack([t[b, :, s:s + length] for b, s in places]) if len(places) > 1 \
-                else t[places[0][0]:places[0][0] + 1, :, places[0][1]:places[0][1] + length]
-        pieces = F.scaled_dot_product_attention(take(query), take(key), take(value), dropout_p=p, is_causal=True,
-                                                scale=scaling, enable_gqa=gqa)
+        q, k, v = (_gather(t, places, length) for t in (query, key, value))
+        pieces = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
         for (b, s), piece in zip(places, pieces):
             out[b, s:s + length] = piece.transpose(0, 1)
     return out, None
+
+
+def _gather(t: torch.Tensor, places: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """(n, heads, length, dim): the ``length`` columns at each (row, start) of ``places``."""
+    if len(places) == 1:
+        (b, s), = places
+        return t[b:b + 1, :, s:s + length]  # a view, no copy
+    return torch.stack([t[b, :, s:s + length] for b, s in places])
 
 
 def _packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
