@@ -28,6 +28,7 @@ modules whose output a probe shows to be bit-identical.
 from __future__ import annotations
 
 import types
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -143,36 +144,49 @@ def _probe_matches(mlp: nn.Module) -> bool:
     return isinstance(want, torch.Tensor) and want.shape == got.shape and torch.equal(want, got)
 
 
+def _switch_forwards(model: nn.Module, flag: str, forward: Callable[..., Any],
+                     qualifies: Callable[[nn.Module], bool]) -> int:
+    """Give every module that ``qualifies`` the instance ``forward``, marked with ``flag``; returns
+    how many modules run it (those switched before included)."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, flag, False):
+            count += 1
+        elif qualifies(module):
+            module.forward = types.MethodType(forward, module)
+            setattr(module, flag, True)
+            count += 1
+    return count
+
+
+def _restore_forwards(model: nn.Module, flag: str) -> int:
+    """Undo :func:`_switch_forwards` for ``flag``: the modules' class forward again."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, flag, False):
+            vars(module).pop("forward", None)
+            delattr(module, flag)
+            count += 1
+    return count
+
+
+def _is_gated_silu_mlp(module: nn.Module) -> bool:
+    return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            and _is_silu(getattr(module, "act_fn", None)) and _probe_matches(module))
+
+
 def fuse_gated_mlps(model: nn.Module) -> int:
     """Run every gated-SiLU MLP of ``model`` through :func:`swiglu`; returns how many were switched.
 
     A module qualifies when it has ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``
     and a probe gives bit-identical output; anything else keeps its own forward.
     """
-    count = 0
-    for module in model.modules():
-        if "forward" in vars(module) and getattr(module, "_adaptune_swiglu", False):
-            count += 1
-            continue
-        if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            continue
-        if not _is_silu(getattr(module, "act_fn", None)) or not _probe_matches(module):
-            continue
-        module.forward = types.MethodType(_fused_mlp_forward, module)
-        module._adaptune_swiglu = True
-        count += 1
-    return count
+    return _switch_forwards(model, "_adaptune_swiglu", _fused_mlp_forward, _is_gated_silu_mlp)
 
 
 def unfuse_gated_mlps(model: nn.Module) -> int:
     """Undo :func:`fuse_gated_mlps` (the modules' own forward again); returns how many were restored."""
-    count = 0
-    for module in model.modules():
-        if getattr(module, "_adaptune_swiglu", False):
-            vars(module).pop("forward", None)
-            del module._adaptune_swiglu
-            count += 1
-    return count
+    return _restore_forwards(model, "_adaptune_swiglu")
 
 
 # ---- RMSNorm ---------------------------------------------------------------------------------------
@@ -244,25 +258,10 @@ def fuse_rms_norms(model: nn.Module) -> int:
     """Run every Llama-style RMSNorm of ``model`` through :func:`rms_norm` (fp32 inputs only);
     returns how many were switched. A module qualifies when it has a 1-d ``weight`` and a float
     ``variance_epsilon`` and a probe gives bit-identical output (Gemma's ``1 + weight`` does not)."""
-    count = 0
-    for module in model.modules():
-        if getattr(module, "_adaptune_rms_norm", False):
-            count += 1
-            continue
-        if "Norm" not in type(module).__name__ or not _norm_probe_matches(module):
-            continue
-        module.forward = types.MethodType(_fused_rms_norm_forward, module)
-        module._adaptune_rms_norm = True
-        count += 1
-    return count
+    return _switch_forwards(model, "_adaptune_rms_norm", _fused_rms_norm_forward,
+                            lambda m: "Norm" in type(m).__name__ and _norm_probe_matches(m))
 
 
 def unfuse_rms_norms(model: nn.Module) -> int:
     """Undo :func:`fuse_rms_norms`; returns how many modules were restored."""
-    count = 0
-    for module in model.modules():
-        if getattr(module, "_adaptune_rms_norm", False):
-            vars(module).pop("forward", None)
-            del module._adaptune_rms_norm
-            count += 1
-    return count
+    return _restore_forwards(model, "_adaptune_rms_norm")
