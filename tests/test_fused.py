@@ -1,4 +1,4 @@
-"""adaptune.fused: LoRA's dropout + A projection keeps less for backward and computes the same thing."""
+"""adaptune.fused: the lean autograd paths (LoRA dropout + A, SwiGLU, RMSNorm, the LoRA addmm) compute the same thing and keep less."""
 
 from __future__ import annotations
 
@@ -120,23 +120,27 @@ def test_swiglu_same_values_and_gradients_as_silu_times_up():
     assert saved == 2 * gate.numel() * 4 and plain == 3 * gate.numel() * 4
 
 
+def _lora_llama_step(fuse, targets: list[str]):
+    """One training step of a tiny Llama LoRA (B non-zero); ``fuse`` (or None) switches modules first."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    switched = fuse(model) if fuse else 0
+    model.train()
+    ids = torch.randint(0, 100, (2, 7))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return switched, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model
+
+
 def test_fuse_gated_mlps_switches_llama_mlps_and_training_is_unchanged():
     from adaptune.fused import fuse_gated_mlps, unfuse_gated_mlps
 
     def step(fuse: bool):
-        torch.manual_seed(0)
-        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "v_proj"]))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_()
-        switched = fuse_gated_mlps(model) if fuse else 0
-        model.train()
-        ids = torch.randint(0, 100, (2, 7))
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return switched, out.loss.detach(), grads, model
+        return _lora_llama_step(fuse_gated_mlps if fuse else None, ["gate_proj", "v_proj"])
 
     n_fused, loss_f, grads_f, model = step(True)
     n_plain, loss_p, grads_p, _ = step(False)
@@ -178,29 +182,12 @@ def test_rms_norm_same_values_and_gradients_as_llamas():
     assert saved == (x.numel() + x.numel() // 48) * 4 + w.numel() * 4
 
 
-def _lora_llama_step(fuse_norms: bool, dropout: float = 0.0):
-    from adaptune.fused import fuse_rms_norms
-
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                    target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-    switched = fuse_rms_norms(model) if fuse_norms else 0
-    model.train()
-    ids = torch.randint(0, 100, (2, 7))
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    return switched, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model
-
-
 def test_fuse_rms_norms_switches_llama_norms_and_training_is_unchanged():
     from adaptune.fused import fuse_rms_norms, unfuse_rms_norms
 
-    n_fused, loss_f, grads_f, model = _lora_llama_step(True)
-    n_plain, loss_p, grads_p, _ = _lora_llama_step(False)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    n_fused, loss_f, grads_f, model = _lora_llama_step(fuse_rms_norms, targets)
+    n_plain, loss_p, grads_p, _ = _lora_llama_step(None, targets)
     assert n_fused == 2 * model.config.num_hidden_layers + 1 and n_plain == 0  # two a layer + the final one
     assert torch.equal(loss_f, loss_p)
     assert grads_f.keys() == grads_p.keys() and grads_f
