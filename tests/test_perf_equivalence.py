@@ -6,9 +6,10 @@
 - packing: a packed block trains exactly as its examples do one by one (``use_cache=False`` holds
   under the Trainer, which the packed mask needs);
 - no gradient work below the lowest adapted layer; no input grads forced without checkpointing;
-- the LoRA forward (fused add) equals ``base(x) + scaling * B(A(dropout(x)))``.
+- the LoRA forward (fused add) equals ``base(x) + scaling * B(A(dropout(x)))``;
+- ``compile_layers`` with packed attention trains as the plain path (about a minute: it compiles).
 
-Tiny random models only; the whole file runs in a few seconds on one thread.
+Tiny random models only, on one thread.
 """
 
 from __future__ import annotations
@@ -332,3 +333,14 @@ def test_lora_forward_is_base_plus_scaled_delta(dropout):
         g_ref = torch.autograd.grad(ref.square().sum(), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight])
         for a, b in zip(g_got, g_ref):  # fp32 sums in another order (dropout's scale on the r-wide side)
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@quiet
+def test_compiled_layers_with_packed_attention_train_exactly_as_plain(tmp_path):
+    """compile_layers traces adaptune.attention too: packed rows still attend example by example."""
+    _, ref_losses, ref_w = train_lora(tmp_path, "plain", True, chunked_loss=False, fused_mlp_activation=False,
+                                      fused_rms_norm=False, packed_attention=False)
+    trainer, losses, w = train_lora(tmp_path, "compiled", True, compile_layers=True)
+    assert trainer._layers_compiled
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_close_dicts(w, ref_w, rtol=1e-4, atol=1e-5)

@@ -41,6 +41,8 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     does not follow the previous one by 1 (as transformers' ``find_packed_sequence_indices``).
     The answer for the last tensor asked about is kept: all layers of a forward share it, and it
     costs a device-to-host copy."""
+    if torch.compiler.is_compiling():  # tensor identity means nothing while tracing: no cache
+        return _segments(position_ids)
     if _last[0] is position_ids and _last[1] == position_ids._version:
         return _last[2]
     found = _segments(position_ids)
