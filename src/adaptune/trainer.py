@@ -423,7 +423,9 @@ class Trainer(transformers.Trainer):
             raise TrainingDiverged(guard.message + f"; last good checkpoint: {last or 'none was saved'}")
         return output
 
-    def _packed_attention(self):
+    def _packed_attention(self) -> contextlib.AbstractContextManager[int]:
+        """``args.packed_attention``: the model's sdpa attention switched to adaptune.attention's for
+        the run (yields how many configs were switched)."""
         if not getattr(self.args, "packed_attention", False) or self.model is None:
             return contextlib.nullcontext(0)
         from adaptune.attention import packed_attention
