@@ -85,13 +85,10 @@ def saved_mb(model, inputs, fused: bool) -> float:
     return sum(storages.values()) / 2**20
 
 
-def child(tokens: int, keep: bool, steps: int) -> dict:
-    from adaptune.allocator import keep_freed_memory
+def train_step(model, inputs):
+    """A function running one LoRA training step (chunked loss, backward, AdamW) on ``inputs``."""
     from adaptune.loss import causal_lm_loss
 
-    model, inputs = build(tokens, fused=True)
-    if keep:
-        keep_freed_memory()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
@@ -100,14 +97,30 @@ def child(tokens: int, keep: bool, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    common.reset_peak_rss()
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return step
+
+
+def timed(step, n: int) -> list[float]:
+    """Seconds each of ``n`` calls of ``step`` took."""
     times = []
-    for _ in range(steps):
+    for _ in range(n):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    return times
+
+
+def child(tokens: int, keep: bool, steps: int) -> dict:
+    from adaptune.allocator import keep_freed_memory
+
+    model, inputs = build(tokens, fused=True)
+    if keep:
+        keep_freed_memory()
+    step = train_step(model, inputs)
+    step()
+    common.reset_peak_rss()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = timed(step, steps)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
     return {"keep": keep, "step_s": statistics.median(times), "faults_per_step": faults,
             "peak_rss_mb": common.peak_rss_mb(), "tok_s": inputs["input_ids"].numel() / statistics.median(times)}
@@ -119,29 +132,16 @@ def op_profile(tokens: int) -> None:
 
     from adaptune.attention import packed_attention
     from adaptune.fused import fuse_rms_norms
-    from adaptune.loss import causal_lm_loss
 
     model, inputs = build(tokens, fused=True)
     fuse_rms_norms(model)
     inputs["position_ids"] = torch.arange(128).repeat(inputs["input_ids"].shape[0], 1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     n_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-
-    def step() -> None:
-        loss, _ = causal_lm_loss(model, inputs, None)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = train_step(model, inputs)
     gemm = common.matmul_gflops()
     with packed_attention(model):
-        for _ in range(2):
-            step()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
+        timed(step, 2)  # warm-up
+        times = timed(step, 3)
         with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
             step()
     events = prof.key_averages()
@@ -149,7 +149,7 @@ def op_profile(tokens: int) -> None:
     kinds = {"matrix products (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
              "attention kernels": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                    "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
-             "dropout masks (random numbers)": ("aten::uniform_",)}
+             "dropout masks (random numbers)": ("aten::random_", "aten::uniform_")}
     step_s = statistics.median(times)
     useful = 4 * n_params * tokens / step_s / 1e9
     print(f"{tokens} tokens a step: {step_s:.2f} s; fp32 GEMM {gemm:.0f} GFLOP/s measured now; useful "
