@@ -139,11 +139,11 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
         from adaptune.data import DataCollator, Example, pack_examples
 
         peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **common.LORA))
+        micro = None if tool == "adaptune-whole" else micro_batch_tokens
         if tool == "adaptune-pack":
             train = pack_examples([Example(r, list(r)) for r in train_rows], common.MAX_LENGTH)
             collator = CountingCollator(DataCollator(pad, packing=True))
-        micro = None if tool == "adaptune-whole" else micro_batch_tokens
-        if tool != "adaptune-pack":  # rows as wide as a micro-batch (packed attention: no cost for width)
+        else:  # rows as wide as a micro-batch (packed attention: no cost for width)
             collator = CountingCollator(BatchPackingCollator(pad, micro or common.BATCH * common.MAX_LENGTH))
         trainer = Trainer(model=peft_model, args=TrainingArguments(**common_args, micro_batch_tokens=micro),
                           train_dataset=train, data_collator=collator)
