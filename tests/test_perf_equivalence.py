@@ -104,6 +104,27 @@ def test_linear_cross_entropy_equals_full_logits(bias, chunk):
         torch.testing.assert_close(linear_cross_entropy(hidden, head, targets, chunk), ref.detach())
 
 
+def test_linear_cross_entropy_under_autocast_is_the_autocast_head_without_running_it():
+    """Under bf16 autocast the fused path runs both products in bf16, as ``F.linear`` would, and
+    the softmax in fp32; it does not fall back to running the head module chunk by chunk."""
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    calls = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        (g_ref,) = torch.autograd.grad(ref, hidden)
+        head.register_forward_hook(lambda *a: calls.append(1))
+        got = linear_cross_entropy(hidden, head, targets, chunk_rows=5)
+        (g_got,) = torch.autograd.grad(got, hidden)
+    assert not calls and got.dtype == torch.float32 and g_got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)  # the same bf16 logits, the same fp32 loss
+    torch.testing.assert_close(g_got, g_ref, rtol=2e-2, atol=2e-3)  # bf16 rounding of the gradient's product
+    # and it differs from the fp32 loss by bf16 rounding: the products really ran in bf16
+    assert not torch.allclose(got, F.cross_entropy(head(hidden), targets, reduction="sum"), rtol=1e-6, atol=0)
+
+
 def test_linear_cross_entropy_trainable_or_wrapped_head_uses_checkpointed_chunks():
     torch.manual_seed(0)
     head = nn.Sequential(nn.Linear(16, 50))  # not a bare Linear, and trainable
@@ -241,6 +262,34 @@ def test_trainer_chunked_loss_and_micro_batches_train_exactly_as_plain(tmp_path,
     chunked_eval = chunk_trainer.evaluate()["eval_loss"]
     chunk_trainer.args.chunked_loss = False
     assert chunked_eval == pytest.approx(chunk_trainer.evaluate()["eval_loss"], rel=1e-5)
+
+
+@quiet
+def test_trainer_bf16_autocast_reaches_the_chunked_path(tmp_path):
+    """accelerate applies bf16 autocast by wrapping model.forward; the chunked loss goes around it
+    (body, then head), so the Trainer enters autocast itself: the layers must run in bf16, and
+    train as the plain bf16 path does."""
+    seen = []
+
+    def record(model):
+        layer = model.get_base_model().model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda mod, args, out: seen.append(out.dtype) if mod.training else None)
+
+    runs = {}
+    for chunked in (False, True):
+        seen.clear()
+        model = lora_llama(seed=0, tie_word_embeddings=True)
+        record(model)
+        trainer = Trainer(model=model, args=TrainingArguments(
+            output_dir=str(tmp_path / str(chunked)), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2,
+            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", seed=0, data_seed=0, use_cpu=True,
+            bf16=True, disable_tqdm=True, chunked_loss=chunked), train_dataset=rows_dataset(),
+            data_collator=DataCollator(0))
+        trainer.remove_callback(trainer.divergence_guard)
+        trainer.train()
+        runs[chunked] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        assert seen and set(seen) == {torch.bfloat16}, (chunked, seen)
+    assert len(runs[True]) == 3 and runs[True] == pytest.approx(runs[False], rel=2e-2)
 
 
 @quiet

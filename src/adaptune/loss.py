@@ -11,7 +11,8 @@ that have a label, and runs the head + cross-entropy on ``chunk_rows`` of them a
   computes each chunk's loss *and* its gradient with respect to the hidden states in the forward
   pass (``(softmax - onehot) @ W``), keeps that small (rows x hidden) gradient and frees the
   logits. No logits are kept for backward and none are recomputed, so the FLOPs are those of the
-  plain path and the memory is one chunk of logits.
+  plain path and the memory is one chunk of logits. Under fp16/bf16 autocast both products run in
+  that dtype, as ``F.linear`` would; the softmax is fp32 either way.
 - any other head (trainable weights, a LoRA-wrapped or ``modules_to_save`` head): each chunk runs
   under ``torch.utils.checkpoint``, so its logits are recomputed in backward instead of kept.
 
@@ -45,44 +46,60 @@ __all__ = ["DEFAULT_CHUNK_ROWS", "causal_lm_loss", "causal_lm_parts", "linear_cr
 
 
 class _FrozenLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ W.T + b, target_i) for a frozen W, b; grad w.r.t. hidden made in forward."""
+    """sum_i CE(hidden_i @ W.T + b, target_i) for a frozen W, b; grad w.r.t. hidden made in forward.
+
+    ``compute_dtype`` (autocast's, or None) is the dtype of both products, as ``F.linear`` under
+    autocast would run them; the softmax and the loss are fp32 either way."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk_rows: int, want_grad: bool) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if want_grad else None
-        # One logits buffer for all chunks, worked on in place: a fresh 50 MB tensor per step of the
-        # softmax costs page faults that, on a CPU, take longer than the arithmetic.
-        buffer = None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start:start + chunk_rows]
-            t = targets[start:start + chunk_rows]
-            rows = h.shape[0]
-            if buffer is None:
-                buffer = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-            logits = buffer[:rows]
-            torch.matmul(h, weight.T, out=logits)
-            if bias is not None:
-                logits += bias
-            logits = logits.float()  # as transformers: head in model dtype, loss in fp32 (a no-op for fp32)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            peak = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(peak).exp_()  # unnormalised softmax, in place of the logits
-            norm = probs.sum(dim=1, keepdim=True)
-            lse = norm.log().add_(peak).squeeze(1)
-            total += (lse - picked).sum()
-            if want_grad:
-                probs.div_(norm)
-                probs[torch.arange(rows, device=t.device), t] -= 1.0
-                torch.matmul(probs.to(weight.dtype), weight, out=grad[start:start + rows])
+                targets: torch.Tensor, chunk_rows: int, want_grad: bool,
+                compute_dtype: torch.dtype | None) -> torch.Tensor:
+        low = compute_dtype or weight.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all, w = hidden.to(low), weight.to(low)  # no copies unless autocast asks for a cast
+            b = bias.to(low) if bias is not None else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden) if want_grad else None
+            # One logits buffer (and one fp32 one for 16-bit products) for all chunks, worked on in
+            # place: a fresh 50 MB tensor per chunk costs page faults that, on a CPU, take longer than
+            # the arithmetic.
+            buffer = buffer32 = None
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h = h_all[start:start + chunk_rows]
+                t = targets[start:start + chunk_rows]
+                rows = h.shape[0]
+                if buffer is None:
+                    buffer = torch.empty(rows, w.shape[0], dtype=low, device=hidden.device)
+                    if low != torch.float32:
+                        buffer32 = torch.empty(rows, w.shape[0], dtype=torch.float32, device=hidden.device)
+                logits = buffer[:rows]
+                torch.matmul(h, w.T, out=logits)
+                if b is not None:
+                    logits += b
+                if buffer32 is not None:  # as transformers: head in model dtype, loss in fp32
+                    logits = buffer32[:rows].copy_(logits)
+                picked = logits.gather(1, t[:, None]).squeeze(1)
+                peak = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(peak).exp_()  # unnormalised softmax, in place of the logits
+                norm = probs.sum(dim=1, keepdim=True)
+                lse = norm.log().add_(peak).squeeze(1)
+                total += (lse - picked).sum()
+                if want_grad:
+                    probs.div_(norm)
+                    probs[torch.arange(rows, device=t.device), t] -= 1.0
+                    out = grad[start:start + rows]
+                    if out.dtype == low:
+                        torch.matmul(probs.to(low), w, out=out)
+                    else:
+                        out.copy_(probs.to(low) @ w)
         ctx.save_for_backward(grad if want_grad else hidden.new_empty(0))
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
 
 
 def _chunk_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -101,9 +118,11 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.T
         return hidden.sum() * 0.0  # keeps the graph (and the grad) well formed
     chunk_rows = max(int(chunk_rows), 1)
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
-    autocast = torch.is_autocast_enabled(hidden.device.type)
-    if _head_is_frozen_linear(head) and not autocast:
-        return _FrozenLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows, want_grad)
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if _head_is_frozen_linear(head):
+        return _FrozenLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows, want_grad,
+                                               compute_dtype)
     trainable_head = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
     total = None
     for start in range(0, hidden.shape[0], chunk_rows):

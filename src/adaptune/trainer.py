@@ -496,7 +496,10 @@ class Trainer(transformers.Trainer):
 
         # As transformers: the model sees num_items_in_batch only when its forward takes loss kwargs.
         num = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        loss, _ = causal_lm_loss(model, inputs, num, chunk_rows=self.args.loss_chunk_rows)
+        # accelerate applies fp16/bf16 autocast by wrapping model.forward, which this path goes around
+        # (body, then head): without this context, bf16=True would silently train in fp32.
+        with self.accelerator.autocast():
+            loss, _ = causal_lm_loss(model, inputs, num, chunk_rows=self.args.loss_chunk_rows)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num is not None:
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
