@@ -82,12 +82,13 @@ def load_average() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min, {os.cpu_count()} CPUs)"
 
 
-def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> float:
-    """fp32 GEMM speed of this machine now (best of repeated n x n x n products), in GFLOP/s."""
+def matmul_gflops(n: int = 1024, seconds: float = 2.0, dtype: str = "float32") -> float:
+    """GEMM speed of this machine now (best of repeated n x n x n products in ``dtype``), in GFLOP/s."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
+    out = torch.empty(n, n, dtype=kind)
     torch.mm(a, b, out=out)
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:

@@ -2,6 +2,7 @@
 
     python bench/train.py                  # peft, adaptune, adaptune-whole on both data sets (~8 min, 2 cores)
     python bench/train.py --summary "bench/results/train-*.json"   # medians and spread of saved runs
+    python bench/train.py --bf16           # the same with bf16 autocast for every tool (bf16=True)
 
 Setup, the same for every tool: the embedded SmolLM2-135M-Instruct in fp32
 (``adaptune.models.load_model_and_tokenizer(None)``), LoRA r=8 alpha=16 dropout=0.05 on q_proj and
@@ -40,6 +41,11 @@ counted once): 2N forward + 2N backward for the activation gradients (LoRA's own
 scores and the weight gradients of the adapters are not counted), and how much CPU other processes
 took meanwhile (the machine is shared; a variant disturbed by > 10% is run again once).
 Each variant runs in a process of its own.
+
+``--bf16``: every tool trains with ``bf16=True`` (transformers' CPU autocast: the matrix products
+in bf16; weights, norms, softmax and loss in fp32), the GEMM speed is measured in bf16, and results
+go to ``train-bf16-*.json``. The issue's comparison is the fp32 one; this one is for CPUs with fast
+bf16 (AVX512-BF16, AMX), where bf16 is what users would run.
 """
 
 from __future__ import annotations
@@ -104,7 +110,8 @@ def step_clock():
     return StepClock()
 
 
-def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | None, limit: int | None) -> dict:
+def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | None, limit: int | None,
+          bf16: bool = False) -> dict:
     import torch
 
     if threads:
@@ -123,7 +130,7 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
     common_args = dict(output_dir=out_dir, per_device_train_batch_size=common.BATCH, num_train_epochs=1,
                        learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, logging_steps=5,
                        save_strategy="no", report_to="none", seed=0, data_seed=0, use_cpu=True,
-                       dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False)
+                       dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False, bf16=bf16)
     torch.manual_seed(0)
     if tool == "peft":
         import transformers
@@ -179,7 +186,7 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
 
 def report(record: dict) -> str:
     gflops = record["gflops"]
-    lines = [f"machine: fp32 GEMM {gflops['start']:.1f} GFLOP/s at start, {gflops['end']:.1f} at end; "
+    lines = [f"machine: {record.get('precision', 'fp32')} GEMM {gflops['start']:.1f} GFLOP/s at start, {gflops['end']:.1f} at end; "
              f"load {record['load_start']} at start, {record['load_end']} at end; torch threads {record['threads']}"]
     rows = []
     for r in record["results"]:
@@ -262,7 +269,8 @@ def summary(paths: list[str]) -> str:
     text.append(f"{len(runs)} runs; {dropped} variant results left out (disturbed by other processes or failed)")
     gf = [f"{run['gflops']['mean']:.1f}" for run in runs]
     loads = [run["load_start"].split(" (")[0] for run in runs]
-    text.append(f"GEMM GFLOP/s per run: {', '.join(gf)}; load at start of each run: {'; '.join(loads)}")
+    precisions = sorted({run.get("precision", "fp32") for run in runs})
+    text.append(f"{'/'.join(precisions)} GEMM GFLOP/s per run: {', '.join(gf)}; load at start of each run: {'; '.join(loads)}")
     return "\n".join(text)
 
 
@@ -281,28 +289,32 @@ def main() -> None:
                     help="before each variant, wait up to this many seconds for other processes to go idle")
     ap.add_argument("--retries", type=int, default=1,
                     help=f"run a variant again (this many times) when other processes took > {round(100 * NOISY)}%% of the CPUs")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for every tool; GEMM speed in bf16")
     ap.add_argument("--summary", nargs="+", help="print medians and spread of saved result files")
     args = ap.parse_args()
     if args.summary:
         print(summary(sorted({p for pattern in args.summary for p in glob.glob(pattern)})))
         return
     if args.child:
-        common.emit(child(args.tool, args.data[0], args.threads, args.micro_batch_tokens or None, args.limit))
+        common.emit(child(args.tool, args.data[0], args.threads, args.micro_batch_tokens or None, args.limit,
+                          args.bf16))
         return
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [(k, t) for k, t in DEFAULT_RUNS if k in args.data and t in args.tools]
+    precision, dtype = ("bf16", "bfloat16") if args.bf16 else ("fp32", "float32")
     record = {"load_start": common.load_average(), "threads": torch.get_num_threads(), "limit": args.limit,
-              "micro_batch_tokens": args.micro_batch_tokens, "results": []}
-    start_gflops = common.matmul_gflops()
+              "micro_batch_tokens": args.micro_batch_tokens, "precision": precision, "results": []}
+    start_gflops = common.matmul_gflops(dtype=dtype)
     sizes = {k: tuple(min(n, args.limit or n) for n in v) for k, v in DATASETS.items()}
-    print(f"load {record['load_start']}; fp32 GEMM {start_gflops:.1f} GFLOP/s; (train, val) examples {sizes}; "
+    print(f"load {record['load_start']}; {precision} GEMM {start_gflops:.1f} GFLOP/s; (train, val) examples {sizes}; "
           f"{common.BATCH} examples a step (adaptune-pack: 8 packed rows), 1 epoch", flush=True)
     for kind, tool in runs:
         extra = ["--threads", str(args.threads)] if args.threads else []
         extra += ["--limit", str(args.limit)] if args.limit else []
+        extra += ["--bf16"] if args.bf16 else []
         for attempt in range(args.retries + 1):
             res = common.run_child("train.py", ["--tool", tool, "--data", kind,
                                                 "--micro-batch-tokens", str(args.micro_batch_tokens), *extra],
@@ -316,10 +328,10 @@ def main() -> None:
         brief = (f"{res['steps']} steps, {res['useful_tok_s']:.1f} useful tok/s, peak {res['peak_rss_mb']:.0f} MB, "
                  f"val {res['val_loss']:.4f}, {res['train_s']:.0f} s") if "error" not in res else res
         print(f"  {kind} {tool}: {brief}", flush=True)
-    end_gflops = common.matmul_gflops()
+    end_gflops = common.matmul_gflops(dtype=dtype)
     record["gflops"] = {"start": start_gflops, "end": end_gflops, "mean": (start_gflops + end_gflops) / 2}
     record["load_end"] = common.load_average()
-    path = common.save("train", record)
+    path = common.save("train-bf16" if args.bf16 else "train", record)
     print(f"saved {path.relative_to(common.ROOT)}")
     print(report(record))
 
