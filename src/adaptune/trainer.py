@@ -23,6 +23,9 @@ and resume machinery, and change only what makes a classic script break or waste
   fewer short-lived tensors, a smaller resident peak on a CPU (:mod:`adaptune.fused`).
 - Packed rows attend one example at a time (``packed_attention``, :mod:`adaptune.attention`):
   a row's attention costs what its examples' do, so rows can be as wide as a batch, unpadded.
+- Under fp16/bf16 autocast, frozen ``nn.Linear`` layers keep no 16-bit copy of their weight for
+  backward (``lean_autocast``, :mod:`adaptune.autocast_linear`): a model's worth of 16-bit weights
+  less per step, the same products.
 - ``cpu_keep_freed_memory`` (off by default) lets glibc keep freed memory for the next step on a
   CPU (:mod:`adaptune.allocator`): far fewer page faults, but no measured speed gain here.
 
@@ -156,6 +159,12 @@ class TrainingArguments(transformers.TrainingArguments):
                           "rows (position_ids restarting at each example) attend one example at a time, so "
                           "no block-diagonal mask over the whole row and no padding is needed. Batches with a "
                           "padding mask run transformers' sdpa as before."},
+    )
+    lean_autocast: bool = field(
+        default=True,
+        metadata={"help": "With fp16/bf16 autocast: frozen nn.Linear layers keep their fp32 weight, not its "
+                          "16-bit cast, for backward and cast it again there (adaptune.autocast_linear): no "
+                          "16-bit copy of every weight held through each step; the same products."},
     )
     cpu_keep_freed_memory: bool = field(
         default=False,
@@ -409,6 +418,10 @@ class Trainer(transformers.Trainer):
             from adaptune.fused import fuse_rms_norms
 
             fuse_rms_norms(self.model)
+        if getattr(self.args, "lean_autocast", False) and (self.args.bf16 or self.args.fp16) and self.model is not None:
+            from adaptune.autocast_linear import lean_autocast_linears
+
+            lean_autocast_linears(self.model)
         self._compile_layers()
         if getattr(self.args, "cpu_keep_freed_memory", False) and self.args.device.type == "cpu":
             from adaptune.allocator import keep_freed_memory

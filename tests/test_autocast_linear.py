@@ -1,0 +1,110 @@
+"""adaptune.autocast_linear: frozen linears under autocast give autocast's numbers and keep no
+16-bit weight copy for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptune import LoraConfig, TaskType, get_peft_model
+from adaptune.autocast_linear import frozen_linear, lean_autocast_linears, restore_autocast_linears
+from adaptune.data import DataCollator
+from adaptune.lora import LoraLayer
+from adaptune.trainer import Trainer, TrainingArguments
+from tests.tiny import VOCAB, tiny_llama
+
+BF16 = torch.bfloat16
+
+
+def saved_weight_sized(fn, weight: torch.Tensor) -> list[torch.dtype]:
+    """dtypes of the tensors autograd saves while ``fn`` runs that are as big as ``weight``."""
+    seen = []
+
+    def pack(t):
+        if t.numel() == weight.numel():
+            seen.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_linear_gives_autocasts_output_and_input_gradient(bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40, bias=bias).requires_grad_(False)
+    x = torch.randn(5, 24, requires_grad=True)
+    grad = torch.randn(5, 40)
+    with torch.autocast("cpu", dtype=BF16):
+        want = F.linear(x, layer.weight, layer.bias)
+        got = frozen_linear(x, layer.weight, layer.bias)
+    assert got.dtype == want.dtype == BF16
+    assert torch.equal(got, want)
+    (dx_want,) = torch.autograd.grad(want, x, grad)
+    (dx_got,) = torch.autograd.grad(got, x, grad)
+    assert dx_got.dtype == torch.float32
+    torch.testing.assert_close(dx_got, dx_want, rtol=0, atol=0)
+
+
+def test_frozen_linear_keeps_the_fp32_weight_not_a_bf16_copy():
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40).requires_grad_(False)
+    x = torch.randn(5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=BF16):
+        plain = saved_weight_sized(lambda: F.linear(x, layer.weight, layer.bias), layer.weight)
+        lean = saved_weight_sized(lambda: frozen_linear(x, layer.weight, layer.bias), layer.weight)
+    assert plain == [BF16]  # autocast's cast, alive until backward
+    assert lean == [torch.float32]  # the parameter itself: no extra memory
+
+
+def test_frozen_linear_is_plain_linear_elsewhere():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    x = torch.randn(3, 8, requires_grad=True)
+    assert torch.equal(frozen_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    with torch.autocast("cpu", dtype=BF16):  # a trainable weight needs its own gradient: autocast's path
+        frozen_linear(x, layer.weight, layer.bias).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+
+
+def lora_llama():
+    base = tiny_llama(seed=0, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False, task_type=TaskType.CAUSAL_LM))
+
+
+def test_switch_covers_plain_linears_and_lora_bases_and_is_undone():
+    model = lora_llama()
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    assert lean_autocast_linears(model) == len(linears)
+    assert all("forward" in vars(m) for m in linears)
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, LoraLayer))
+    assert restore_autocast_linears(model) == len(linears)
+    assert not any("forward" in vars(m) for m in linears)
+
+
+def test_trainer_bf16_trains_as_autocast_with_lean_linears(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": list(ids)}
+            for ids in (torch.randint(3, VOCAB, (int(n),), generator=g).tolist()
+                        for n in torch.randint(4, 15, (12,), generator=g))]
+    runs = {}
+    for lean in (False, True):
+        model = lora_llama()
+        trainer = Trainer(model=model, args=TrainingArguments(
+            output_dir=str(tmp_path / str(lean)), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2,
+            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", seed=0, data_seed=0, use_cpu=True,
+            bf16=True, lean_autocast=lean, disable_tqdm=True), train_dataset=data, data_collator=DataCollator(0))
+        trainer.remove_callback(trainer.divergence_guard)
+        trainer.train()
+        switched = sum("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)
+        assert (switched > 0) == lean
+        runs[lean] = ([r["loss"] for r in trainer.state.log_history if "loss" in r],
+                      {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k})
+    assert len(runs[True][0]) == 3 and runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6, msg=k)
