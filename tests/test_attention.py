@@ -102,3 +102,30 @@ def test_examples_of_one_length_in_several_rows_match_too():
         with packed_attention(model):
             got = model(input_ids=ids, position_ids=pos).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_under_cpu_bf16_autocast_examples_attend_in_fp32():
+    """The CPU's fused attention kernel is slower in bf16 than in fp32 for short examples, so
+    under CPU autocast each example attends in fp32: the attention output matches fp32 SDPA run
+    on the bf16-rounded inputs, not bf16 SDPA."""
+    import torch.nn.functional as F
+
+    from adaptune.attention import packed_sdpa_forward
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 5]
+    q, k, v = (torch.randn(1, 4, sum(lengths), 8, generator=g).bfloat16().float().requires_grad_() for _ in range(3))
+    _, _, pos = _packed(lengths)
+    module = torch.nn.Module()
+    module.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packed_sdpa_forward(module, q, k, v, None, position_ids=pos)
+    assert out.dtype == torch.float32
+    start = 0
+    for n in lengths:
+        piece = [t[:, :, start:start + n] for t in (q, k, v)]
+        fp32 = F.scaled_dot_product_attention(*piece, is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(out[:, start:start + n], fp32, rtol=1e-5, atol=1e-6)
+        start += n
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))

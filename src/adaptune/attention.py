@@ -85,20 +85,36 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     if len(rows) != query.shape[0]:  # one row of positions for the whole batch
         rows = rows * query.shape[0]
     if all(len(r) == 1 for r in rows):  # nothing packed: one causal call
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, is_causal=True, scale=scaling,
-                                             enable_gqa=gqa)
+        out = _causal_sdpa(query, key, value, p, scaling, gqa)
         return out.transpose(1, 2).contiguous(), None
-    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # (B, T, H, D)
+    dtype = torch.float32 if _fp32_on_cpu(query) else query.dtype
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3], dtype=dtype)  # (B, T, H, D)
     by_length: dict[int, list[tuple[int, int]]] = {}
     for b, spans in enumerate(rows):
         for start, stop in spans:
             by_length.setdefault(stop - start, []).append((b, start))
     for length, places in by_length.items():  # examples of one length: one batched call
         q, k, v = (_gather(t, places, length) for t in (query, key, value))
-        pieces = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
+        pieces = _causal_sdpa(q, k, v, p, scaling, gqa)
         for (b, s), piece in zip(places, pieces):
             out[b, s:s + length] = piece.transpose(0, 1)
     return out, None
+
+
+def _fp32_on_cpu(query: torch.Tensor) -> bool:
+    return query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, scale: float | None,
+                 gqa: bool) -> torch.Tensor:
+    """Causal SDPA; under CPU autocast in fp32, not bf16: the CPU's fused kernel took 1.8-2.9x as
+    long in bf16 as in fp32 for 8 examples of 50-128 tokens (forward + backward), and as long at
+    512. A precision gain at no cost in time, for about 3 KB more kept per token and layer."""
+    if _fp32_on_cpu(q):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=p, is_causal=True,
+                                                  scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa)
 
 
 def _gather(t: torch.Tensor, places: list[tuple[int, int]], length: int) -> torch.Tensor:
