@@ -16,8 +16,9 @@ A diagnostic behind bench/train.py's numbers, not a comparison. For each setting
 
 With ``--ops`` it prints instead where the time of one step goes (the Trainer's defaults: fused
 paths, packed attention): the share of matrix products and their GFLOP/s against this machine's
-fp32 GEMM speed measured in the same run, attention, dropout masks and the other ops, and the
-useful rate as bench/train.py counts it (4 N FLOP a token).
+fp32 GEMM speed measured in the same run, attention, dropout masks and the other ops, the
+biggest products by shape with their rates, and the useful rate as bench/train.py counts it
+(4 N FLOP a token).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def op_profile(tokens: int) -> None:
     with packed_attention(model):
         timed(step, 2)  # warm-up
         times = timed(step, 3)
-        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
             step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
@@ -165,6 +166,14 @@ def op_profile(tokens: int) -> None:
     rest = sorted((e for e in events if e.key not in seen), key=lambda e: -e.self_cpu_time_total)
     print(f"  {'everything else':34}: {100 * sum(e.self_cpu_time_total for e in rest) / total:4.1f}%, most: " + ", ".join(
         f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.1f}%" for e in rest[:6]))
+    print("  the biggest products by shape (operands), their share of the step and rate:")
+    products = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key in kinds[next(iter(kinds))]),
+                      key=lambda e: -e.self_cpu_time_total)
+    for e in products[:8]:
+        t = e.self_cpu_time_total
+        shapes = " x ".join(str(s) for s in e.input_shapes[:2])
+        print(f"    {e.key.replace('aten::', ''):5} {shapes:28} x{e.count:<4} {100 * t / total:4.1f}%  "
+              f"{e.flops / t / 1e3:4.0f} GFLOP/s = {100 * e.flops / t / 1e3 / gemm:3.0f}% of GEMM")
 
 
 def main() -> None:
