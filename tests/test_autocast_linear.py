@@ -8,12 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptune import LoraConfig, TaskType, get_peft_model
 from adaptune.autocast_linear import frozen_linear, lean_autocast_linears, restore_autocast_linears
-from adaptune.data import DataCollator
 from adaptune.lora import LoraLayer
-from adaptune.trainer import Trainer, TrainingArguments
-from tests.tiny import VOCAB, tiny_llama
+from tests.test_perf_equivalence import assert_close_dicts, lora_llama, train_lora
 
 BF16 = torch.bfloat16
 
@@ -70,13 +67,6 @@ def test_frozen_linear_is_plain_linear_elsewhere():
     assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
 
 
-def lora_llama():
-    base = tiny_llama(seed=0, tie_word_embeddings=True)
-    torch.manual_seed(1)
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type=TaskType.CAUSAL_LM))
-
-
 def test_switch_covers_plain_linears_and_lora_bases_and_is_undone():
     model = lora_llama()
     linears = [m for m in model.modules() if type(m) is nn.Linear]
@@ -88,23 +78,10 @@ def test_switch_covers_plain_linears_and_lora_bases_and_is_undone():
 
 
 def test_trainer_bf16_trains_as_autocast_with_lean_linears(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": list(ids)}
-            for ids in (torch.randint(3, VOCAB, (int(n),), generator=g).tolist()
-                        for n in torch.randint(4, 15, (12,), generator=g))]
-    runs = {}
-    for lean in (False, True):
-        model = lora_llama()
-        trainer = Trainer(model=model, args=TrainingArguments(
-            output_dir=str(tmp_path / str(lean)), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2,
-            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", seed=0, data_seed=0, use_cpu=True,
-            bf16=True, lean_autocast=lean, disable_tqdm=True), train_dataset=data, data_collator=DataCollator(0))
-        trainer.remove_callback(trainer.divergence_guard)
-        trainer.train()
-        switched = sum("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)
+    runs = {lean: train_lora(tmp_path, f"lean-{lean}", bf16=True, lean_autocast=lean) for lean in (False, True)}
+    for lean, (trainer, _, _) in runs.items():
+        switched = sum("forward" in vars(m) for m in trainer.model.modules() if type(m) is nn.Linear)
         assert (switched > 0) == lean
-        runs[lean] = ([r["loss"] for r in trainer.state.log_history if "loss" in r],
-                      {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k})
-    assert len(runs[True][0]) == 3 and runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
-    for k, v in runs[False][1].items():
-        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    (_, losses, weights), (_, ref_losses, ref_weights) = runs[True], runs[False]
+    assert len(losses) == 3 and losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_close_dicts(weights, ref_weights, rtol=1e-4, atol=1e-6)
