@@ -213,8 +213,11 @@ def rows_dataset(n: int = 12, seed: int = 0):
     return out
 
 
-def train_lora(tmp_path, name: str, packing: bool = False, grad_accum: int = 1, **args):
+def train_lora(tmp_path, name: str, packing: bool = False, grad_accum: int = 1, prepare=None, **args):
+    """Three Trainer steps of the tiny LoRA Llama; ``prepare(model)`` runs before training."""
     model = lora_llama(seed=0, tie_word_embeddings=True)
+    if prepare is not None:
+        prepare(model)
     data = rows_dataset()
     if packing:
         data = pack_examples([Example(r["input_ids"], r["labels"]) for r in data], 24)
@@ -278,16 +281,7 @@ def test_trainer_bf16_autocast_reaches_the_chunked_path(tmp_path):
     runs = {}
     for chunked in (False, True):
         seen.clear()
-        model = lora_llama(seed=0, tie_word_embeddings=True)
-        record(model)
-        trainer = Trainer(model=model, args=TrainingArguments(
-            output_dir=str(tmp_path / str(chunked)), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-2,
-            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", seed=0, data_seed=0, use_cpu=True,
-            bf16=True, disable_tqdm=True, chunked_loss=chunked), train_dataset=rows_dataset(),
-            data_collator=DataCollator(0))
-        trainer.remove_callback(trainer.divergence_guard)
-        trainer.train()
-        runs[chunked] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        _, runs[chunked], _ = train_lora(tmp_path, f"bf16-{chunked}", prepare=record, bf16=True, chunked_loss=chunked)
         assert seen and set(seen) == {torch.bfloat16}, (chunked, seen)
     assert len(runs[True]) == 3 and runs[True] == pytest.approx(runs[False], rel=2e-2)
 
