@@ -10,7 +10,7 @@ import torch
 
 from adaptune import LoraConfig, PeftModel, TaskType, get_peft_model
 from adaptune.errors import AdaptuneError, ConfigError, TargetError
-from adaptune.lora import LoraLayer
+from adaptune.lora import AdapterSpec, LoraLayer
 from tests.tiny import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 IDS = torch.tensor([[5, 9, 17, 33, 41, 7, 8, 60], [3, 11, 12, 50, 70, 90, 4, 6]])
@@ -74,6 +74,33 @@ def test_fresh_adapter_is_noop_and_merge_matches_unmerged(case):
     with model.disable_adapter():  # after a merge/unmerge cycle: equal up to float rounding
         torch.testing.assert_close(_logits(model), reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_logits(model), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_no_grad_forward_adds_in_place_and_matches_autograd_and_merged(dropout):
+    """Generation's path (no autograd: scaling on addmm's alpha, the sum into the base output in
+    place) gives what the autograd path and merged weights give, with two adapters stacked."""
+    torch.manual_seed(0)
+    layer = LoraLayer(torch.nn.Linear(16, 12))
+    layer.add("a", AdapterSpec(r=4, alpha=8, dropout=dropout))
+    layer.add("b", AdapterSpec(r=2, alpha=3, dropout=dropout, use_rslora=True))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    layer.set_active(["a", "b"])
+    layer.eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        fast = layer(x)
+    slow = layer(x)
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+    expected = base + sum(layer.scaling(n) * x @ layer.lora_A[n].weight.T @ layer.lora_B[n].weight.T for n in "ab")
+    torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+    layer.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), fast, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_and_unload_returns_plain_model_with_same_logits():

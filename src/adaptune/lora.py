@@ -335,15 +335,27 @@ class LoraLayer(nn.Module):
 
     def _add_lora_out(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """``result`` + the adapter's output. A plain LoRA does B's product and the sum in one
-        ``addmm``: one out-wide tensor a layer instead of two."""
+        ``addmm``: one out-wide tensor a layer instead of two. Without dropout the scaling rides on
+        addmm's ``alpha``, and without autograd (generation) the sum goes into ``result`` in place:
+        two small ops a layer, which is what unmerged decoding one token at a time pays for."""
         spec = self.specs[name]
-        lora_b = self.lora_B[name] if not self.is_embedding and name in self.lora_B else None
-        if spec.use_dora or spec.slices or lora_b is None or lora_b.bias is not None \
-                or lora_b.weight.dtype != result.dtype:
+        a_layers, b_layers = self.lora_A, self.lora_B  # empty on embeddings
+        if spec.use_dora or spec.slices or name not in a_layers or name not in b_layers:
             return result + self._lora_out(x, name, result).to(result.dtype)
-        hidden = self._lora_hidden(x, name)
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
-                           lora_b.weight.t())
+        lora_a, lora_b = a_layers[name], b_layers[name]
+        a_weight, b_weight = lora_a.weight, lora_b.weight
+        if lora_b.bias is not None or lora_a.bias is not None or b_weight.dtype != result.dtype:
+            return result + self._lora_out(x, name, result).to(result.dtype)
+        dropout = self.lora_dropout[name]
+        if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            hidden, alpha = self._lora_hidden(x, name), 1.0
+        else:
+            hidden, alpha = torch.mm(x.reshape(-1, x.shape[-1]).to(a_weight.dtype), a_weight.t()), spec.scaling
+        flat, hidden = result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+        if torch.is_grad_enabled():
+            flat = torch.addmm(flat, hidden, b_weight.t(), alpha=alpha)
+        else:
+            flat = flat.addmm_(hidden, b_weight.t(), alpha=alpha)
         return flat.view(result.shape)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
