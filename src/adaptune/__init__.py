@@ -7,6 +7,7 @@ A peft user changes only the import line::
 
 from __future__ import annotations
 
+from .allocator import cap_onednn_caches
 from .config import (
     LoftQConfig,
     LoraConfig,
@@ -31,6 +32,10 @@ from .model import (
 )
 
 __version__ = "0.1.0"
+
+# Before any 16-bit product runs: variable-length batches would otherwise grow oneDNN's kernel
+# caches by about half a MiB per new shape (adaptune.allocator).
+cap_onednn_caches()
 
 __all__ = [
     "AdaptuneError",
