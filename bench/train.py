@@ -45,10 +45,10 @@ Each variant runs in a process of its own.
 ``--bf16``: every tool trains with ``bf16=True`` (transformers' CPU autocast: the matrix products
 in bf16; weights, norms, softmax and loss in fp32), the GEMM speed is measured in bf16, and results
 go to ``train-bf16-*.json``. The issue's comparison is the fp32 one; this one is for CPUs with fast
-bf16 (AVX512-BF16, AMX), where bf16 is what users would run. 16-bit products run in oneDNN, which keeps a kernel per
-operand shape; importing adaptune caps those caches at 64 entries (``adaptune.allocator``), and
-peft's process gets torch's own 1,024 back, as its users have it (the model loader here is
-adaptune's for every tool).
+bf16 (AVX512-BF16, AMX), where bf16 is what users would run. 16-bit products run in oneDNN, which
+keeps a kernel per operand shape; importing adaptune caps those caches at 64 entries
+(``adaptune.allocator``), and peft's process gets torch's own 1,024 back, as its users have it
+(the model loader here is adaptune's for every tool).
 """
 
 from __future__ import annotations

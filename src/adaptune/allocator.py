@@ -12,11 +12,11 @@ Two knobs, both set from inside the process:
   or tcmalloc.
 - :func:`cap_onednn_caches` (on import of adaptune). 16-bit matrix products on a CPU run in oneDNN,
   which keeps a compiled kernel for every operand shape it has seen, in two caches of up to 1,024
-  entries each (PyTorch's ``LRU_CACHE_CAPACITY``, oneDNN's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``),
-  about half a MiB an entry. Packed batches of variable length bring new shapes every step, so
-  bf16 training held 11 MB more after each step on SmolLM2-135M (the benchmark's variable-length
-  data), which adds up to hundreds of MB over a run. With 64 entries, enough for the shapes of a
-  whole step, the same run held flat and peaked at 1,828 instead of 2,120 MB, no slower.
+  entries each (PyTorch's ``LRU_CACHE_CAPACITY``, oneDNN's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``):
+  about half a MiB more for each new shape. Packed batches of variable length bring new shapes every
+  step, so bf16 training held 11 MB more after each step on SmolLM2-135M (the benchmark's variable-
+  length data), which adds up to hundreds of MB over a run. With 64 entries, enough for the shapes
+  of a whole step, the same run held flat and peaked at 1,828 instead of 2,120 MB, no slower.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def cap_onednn_caches(capacity: int = 64) -> dict[str, str]:
 
     Both caches read their size from the environment when the first oneDNN product runs, so this
     must happen before that (adaptune calls it on import); later, it changes nothing. Returns the
-    values in effect for the process from then on.
+    values the environment now holds.
     """
     for name in ONEDNN_CACHE_VARIABLES:
         os.environ.setdefault(name, str(int(capacity)))
