@@ -15,8 +15,9 @@ Two knobs, both set from inside the process:
   entries each (PyTorch's ``LRU_CACHE_CAPACITY``, oneDNN's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``):
   about half a MiB more for each new shape. Packed batches of variable length bring new shapes every
   step, so bf16 training held 11 MB more after each step on SmolLM2-135M (the benchmark's
-  variable-length data), which adds up to hundreds of MB over a run. With 64 entries, enough for the
-  shapes of a whole step, the same run held flat and peaked at 1,828 instead of 2,120 MB, no slower.
+  variable-length data), which adds up to hundreds of MB over a run. With 64 entries each, the same
+  run held flat and peaked at 1,828 instead of 2,120 MB, no slower (30.1 vs 32.5 s): no sign of
+  kernels evicted within a step.
 """
 
 from __future__ import annotations
