@@ -283,7 +283,7 @@ class LoraLayer(nn.Module):
         """``scaling * A(dropout(x))``: the r-wide input of B."""
         lora_a, dropout, scaling = self.lora_A[name], self.lora_dropout[name], self.specs[name].scaling
         x = x.to(lora_a.weight.dtype)
-        if isinstance(dropout, nn.Dropout) and dropout.training and lora_a.bias is None:
+        if _drops(dropout) and lora_a.bias is None:
             hidden = dropout_linear(x, lora_a.weight, dropout.p)  # keeps a bool mask, not x twice
         else:
             hidden = lora_a(dropout(x))
@@ -340,14 +340,13 @@ class LoraLayer(nn.Module):
         two small ops a layer, which is what unmerged decoding one token at a time pays for."""
         spec = self.specs[name]
         a_layers, b_layers = self.lora_A, self.lora_B  # empty on embeddings
-        if spec.use_dora or spec.slices or name not in a_layers or name not in b_layers:
+        lora_a = a_layers[name] if name in a_layers else None
+        lora_b = b_layers[name] if name in b_layers else None
+        if spec.use_dora or spec.slices or lora_a is None or lora_b is None or lora_a.bias is not None \
+                or lora_b.bias is not None or lora_b.weight.dtype != result.dtype:
             return result + self._lora_out(x, name, result).to(result.dtype)
-        lora_a, lora_b = a_layers[name], b_layers[name]
         a_weight, b_weight = lora_a.weight, lora_b.weight
-        if lora_b.bias is not None or lora_a.bias is not None or b_weight.dtype != result.dtype:
-            return result + self._lora_out(x, name, result).to(result.dtype)
-        dropout = self.lora_dropout[name]
-        if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        if _drops(self.lora_dropout[name]):
             hidden, alpha = self._lora_hidden(x, name), 1.0
         else:
             hidden, alpha = torch.mm(x.reshape(-1, x.shape[-1]).to(a_weight.dtype), a_weight.t()), spec.scaling
@@ -376,6 +375,11 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapters={list(self.specs)}, active={self.active_adapters}"
+
+
+def _drops(dropout: nn.Module) -> bool:
+    """Whether this LoRA dropout module changes its input now (an ``nn.Dropout`` in training, p > 0)."""
+    return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
 
 
 def expand_row_names(names: Sequence[str], batch: int) -> list[str]:
