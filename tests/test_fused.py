@@ -104,6 +104,89 @@ def test_swiglu_same_values_and_gradients_as_silu_times_up():
     assert saved == 2 * gate.numel() * 4 and plain == 3 * gate.numel() * 4
 
 
+def _swiglu_grads(reuse: bool, needs: tuple[bool, bool] = (True, True)):
+    g = torch.Generator().manual_seed(5)
+    gate = (torch.randn(3, 4, 48, generator=g) * 3).requires_grad_(needs[0])
+    up = torch.randn(3, 4, 48, generator=g).requires_grad_(needs[1])
+    from adaptune.fused import swiglu
+
+    # non-leaf inputs, as a model's gate_proj/up_proj outputs are
+    gate_in, up_in = gate * 1.0, up * 1.0
+    out = swiglu(gate_in, up_in, reuse_inputs=reuse)
+    weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    grads = torch.autograd.grad((out * weights).sum(), [t for t, n in ((gate_in, needs[0]), (up_in, needs[1])) if n])
+    return out.detach(), grads, (gate_in, up_in)
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_swiglu_reusing_its_inputs_gives_the_same_bits_in_their_memory(needs):
+    """Backward writes the gradients into gate's and up's own memory, with the same values."""
+    out_r, grads_r, (gate_in, up_in) = _swiglu_grads(True, needs)
+    out_p, grads_p, _ = _swiglu_grads(False, needs)
+    assert torch.equal(out_r, out_p)
+    assert len(grads_r) == len(grads_p) == sum(needs)
+    for a, b in zip(grads_r, grads_p):
+        assert torch.equal(a, b)
+    reused = {gate_in.data_ptr(), up_in.data_ptr()}
+    assert all(g.data_ptr() in reused for g in grads_r)
+    assert not any(g.data_ptr() in reused for g in _swiglu_grads(False, needs)[1])
+
+
+def test_swiglu_reuse_refuses_a_second_backward_and_keeps_double_backward_right():
+    from adaptune.fused import swiglu
+
+    gate, up = torch.randn(2, 8).requires_grad_(), torch.randn(2, 8).requires_grad_()
+    out = swiglu(gate * 1.0, up * 1.0, reuse_inputs=True)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        out.sum().backward()
+    # create_graph=True: backward is recorded, so it must leave gate and up intact
+    for reuse in (True, False):
+        g, u = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+        first, = torch.autograd.grad(swiglu(g * 1.0, u * 1.0, reuse_inputs=reuse).sum(), g, create_graph=True)
+        second, = torch.autograd.grad(first.sum(), g)
+        want_first, = torch.autograd.grad((F.silu(g) * u).sum(), g, create_graph=True)
+        want_second, = torch.autograd.grad(want_first.sum(), g)
+        torch.testing.assert_close(second, want_second)
+
+
+def test_swiglu_does_not_reuse_views_or_one_tensor_given_twice():
+    from adaptune.fused import swiglu
+
+    both = torch.randn(2, 16, requires_grad=True) * 1.0
+    gate, up = both[:, :8], both[:, 8:]  # views of one buffer, as a fused gate/up product would give
+    out = swiglu(gate, up, reuse_inputs=True)
+    grad, = torch.autograd.grad(out.sum(), both)
+    want, = torch.autograd.grad((F.silu(gate) * up).sum(), both)
+    assert torch.equal(grad, want)
+    x = torch.randn(2, 8, requires_grad=True) * 1.0
+    grad, = torch.autograd.grad(swiglu(x, x, reuse_inputs=True).sum(), x)
+    xd = x.detach().requires_grad_()
+    want, = torch.autograd.grad((F.silu(xd) * xd).sum(), xd)
+    torch.testing.assert_close(grad, want)
+
+
+def test_fused_mlp_gives_reuse_up_while_a_hook_may_hold_the_outputs():
+    from adaptune.fused import fuse_gated_mlps
+
+    model = tiny_llama()
+    fuse_gated_mlps(model)
+    mlp = model.model.layers[0].mlp
+    kept = []
+    x = torch.randn(1, 3, mlp.gate_proj.in_features, requires_grad=True)
+    handle = mlp.gate_proj.register_forward_hook(lambda m, i, o: kept.append(o))
+    before = None
+    try:
+        out = mlp(x)
+        before = kept[0].detach().clone()
+        out.sum().backward()
+    finally:
+        handle.remove()
+    assert torch.equal(kept[0].detach(), before)  # the hooked output was not overwritten
+    out = mlp(x)
+    assert out.grad_fn is not None and out.grad_fn.next_functions  # and without a hook it still trains
+
+
 def _lora_llama_step(fuse, targets: list[str]):
     """One training step of a tiny Llama LoRA (B non-zero); ``fuse`` (or None) switches modules first."""
     torch.manual_seed(0)

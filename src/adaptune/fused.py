@@ -6,7 +6,7 @@ The plain path, ``lora_A(nn.Dropout(p)(x))``, keeps for backward the dropout's f
 x) and the dropped input (as big again, for A's gradient), per adapted layer; q_proj and v_proj see
 the same x, so a LoRA on both keeps four x-sized tensors per decoder layer. Here forward keeps x
 itself (which q and v share, so it is one tensor) and a bool mask per layer, and backward makes the
-dropped input again (one multiply). Same values and gradients as the plain path for the same mask;
+dropped input again (one select). Same values and gradients as the plain path for the same mask;
 the mask comes from 16-bit slices of random 64-bit words (see ``dropout_mask``), so the random
 stream differs from ``nn.Dropout``'s.
 
@@ -14,7 +14,11 @@ stream differs from ``nn.Dropout``'s.
 gate (for silu), silu(gate) and up (for the product): three intermediate-wide tensors per token and
 layer, more than half of what a q/v LoRA step keeps on such a model. This keeps gate and up and
 makes silu(gate) again in backward (elementwise, no matmul). ``fuse_gated_mlps`` switches a
-model's MLP modules to it where a numerical probe shows the module computes exactly that.
+model's MLP modules to it where a numerical probe shows the module computes exactly that. There,
+gate and up are the MLP's own fresh tensors, which nothing else holds, so backward writes the two
+gradients into their memory (``reuse_inputs``) instead of two new intermediate-wide buffers: on a
+CPU, writing a fresh buffer that is not in cache was what made those two ops the slowest of the
+step's elementwise work (profiled in bench/step_profile.py: 2-4 ms each, against 0.07 ms in place).
 
 ``rms_norm``: Llama's RMSNorm, ``w * x * rsqrt(mean(x^2) + eps)``, in one buffer. The plain ops
 allocate three token x hidden tensors per norm (x^2, the normalised x, its product with w) and keep
@@ -56,7 +60,8 @@ class _DropoutLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
         # the 1 / (1 - p) goes on the r-wide output, not the x-wide input: one temporary, not two
         scale = 1.0 / (1.0 - p)
-        out = F.linear(x * mask, weight).mul_(scale)
+        # where(), not x * mask: multiplying by a bool tensor first copies it to x's dtype (6x slower)
+        out = F.linear(torch.where(mask, x, 0.0), weight).mul_(scale)
         ctx.save_for_backward(x, weight, mask)
         ctx.scale = scale
         return out
@@ -69,7 +74,7 @@ class _DropoutLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ weight.to(low)).mul_(mask).mul_(ctx.scale).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = (x * mask).reshape(-1, x.shape[-1]).to(low)
+            dropped = torch.where(mask, x, 0.0).reshape(-1, x.shape[-1]).to(low)
             grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped).mul_(ctx.scale).to(weight.dtype)
         return grad_x, grad_weight, None, None
 
@@ -88,35 +93,56 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float,
 
 
 class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up``, saving gate and up only."""
+    """``silu(gate) * up``, saving gate and up only; with ``reuse`` set, backward overwrites them."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, reuse: bool) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
+        ctx.reuse, ctx.spent = reuse, False
         return F.silu(gate).mul_(up)  # in place: one intermediate-wide tensor, not two
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.spent:
+            raise RuntimeError("adaptune.fused.swiglu's backward wrote its gradients into gate's and up's memory, so "
+                               "it cannot run twice (retain_graph=True); switch fused_mlp_activation off for that")
         gate, up = ctx.saved_tensors
+        # not when backward is itself recorded (create_graph=True): autograd needs gate and up intact
+        in_place = ctx.reuse and not torch.is_grad_enabled()
+        ctx.spent = in_place
         grad_gate = grad_up = None
-        if ctx.needs_input_grad[1]:
-            grad_up = F.silu(gate).mul_(grad_out)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and torch.is_grad_enabled():  # differentiable, as torch's own silu does
+            sig = torch.sigmoid(gate)
+            grad_gate = grad_out * up * sig * (1 + gate * (1 - sig))
+        elif ctx.needs_input_grad[0]:  # before gate is overwritten: it reads gate
             # aten's own fused kernel: grad * sig * (1 + g * (1 - sig)) in one pass, not five
-            grad_gate = grad_out * up
+            grad_gate = up.mul_(grad_out) if in_place else grad_out * up
             torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad_gate, grad_up
+        if ctx.needs_input_grad[1]:
+            grad_up = F.silu(gate, inplace=in_place).mul_(grad_out)
+        return grad_gate, grad_up, None
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``F.silu(gate) * up``; under autograd it keeps two tensors for backward instead of three."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, reuse_inputs: bool = False) -> torch.Tensor:
+    """``F.silu(gate) * up``; under autograd it keeps two tensors for backward instead of three.
+
+    ``reuse_inputs``: gate and up are the caller's to give away (no other tensor, view or hook
+    holds them), so backward may write the gradients into their memory; the graph can then be
+    run backward only once.
+    """
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _SwiGLU.apply(gate, up)
+        # not while torch.compile traces: its own passes plan the buffers
+        reuse = (reuse_inputs and not torch.compiler.is_compiling() and gate._base is None and up._base is None
+                 and gate.data_ptr() != up.data_ptr())
+        return _SwiGLU.apply(gate, up, reuse)
     return F.silu(gate) * up
 
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    # gate and up are this call's own, unless a hook on their modules may have kept them
+    private = not (nn.modules.module._global_forward_hooks or self.gate_proj._forward_hooks
+                   or self.up_proj._forward_hooks)
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), reuse_inputs=private))
 
 
 def _is_silu(module: object) -> bool:
