@@ -7,9 +7,12 @@ The embedded SmolLM2-135M-Instruct in fp32; one LoRA adapter (r=8, alpha=16 on q
 non-zero B so that it changes the output), made by adaptune, saved in peft's format and loaded by
 each tool. Greedy decoding with the KV cache, exactly ``--new-tokens`` new tokens (EOS ignored),
 for one prompt (batch 1) and for 8 prompts (batch 8, left-padded). Each tool runs in its own
-process; within it, unmerged first, then ``merge_and_unload()`` and merged. Reported: new tokens/s
-(best of ``--repeats``; the median is in the saved JSON), and whether each variant generated the
-same tokens as adaptune unmerged.
+process, which holds the adapter unmerged and a ``merge_and_unload()`` copy of it and times them
+in turn, repeat by repeat (unmerged, merged, merged, unmerged...), so that both meet the same
+machine: this VM changes speed by 10-15 % for minutes at a time, which timing one after the other
+turned into ratios of 0.82-1.07 for the same code. Reported: new tokens/s (best of ``--repeats``;
+all times are in the saved JSON), and whether each variant generated the same tokens as adaptune
+unmerged.
 """
 
 from __future__ import annotations
@@ -52,25 +55,33 @@ def make_adapter(folder: str) -> None:
     peft_model.save_pretrained(folder)
 
 
-def timed_generate(model, tok, prompts, new_tokens: int, repeats: int) -> tuple[list[float], list[list[int]]]:
+def timed_in_turn(models: dict, tok, prompts, new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Greedy generation with each of ``models`` in turn, ``repeats`` times each (the order reversed
+    every other round); per model, new tokens/s of each repeat and the tokens generated."""
     import torch
 
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                   pad_token_id=tok.pad_token_id)
-    times = []
-    with torch.no_grad():
-        model.generate(**enc, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = model.generate(**enc, **kwargs)
-            times.append(time.perf_counter() - t)
+    names = list(models)
+    runs = {name: {"tok_s": [], "tokens": None} for name in names}
     n = enc["input_ids"].shape[1]
-    return [len(prompts) * new_tokens / s for s in times], out[:, n:].tolist()
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            model.generate(**enc, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        for round_ in range(repeats):
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                t = time.perf_counter()
+                out = models[name].generate(**enc, **kwargs)
+                runs[name]["tok_s"].append(len(prompts) * new_tokens / (time.perf_counter() - t))
+                runs[name]["tokens"] = out[:, n:].tolist()
+    return runs
 
 
 def child(tool: str, adapter: str, new_tokens: int, repeats: int, threads: int | None) -> dict:
+    import copy
+
     import torch
 
     if threads:
@@ -82,16 +93,13 @@ def child(tool: str, adapter: str, new_tokens: int, repeats: int, threads: int |
         from peft import PeftModel
     else:
         from adaptune import PeftModel
-    wrapped = PeftModel.from_pretrained(model, adapter)
-    wrapped.eval()
+    unmerged = PeftModel.from_pretrained(model, adapter).eval()
+    merged = copy.deepcopy(unmerged).merge_and_unload().eval()
     results = {"tool": tool, "threads": torch.get_num_threads(), "runs": {}}
-    for state in ("unmerged", "merged"):
-        if state == "merged":
-            wrapped = wrapped.merge_and_unload()
-            wrapped.eval()
-        for batch in (1, 8):
-            speeds, tokens = timed_generate(wrapped, tok, PROMPTS[:batch], new_tokens, repeats)
-            results["runs"][f"{state}/b{batch}"] = {"tok_s": speeds, "tokens": tokens}
+    for batch in (1, 8):
+        runs = timed_in_turn({"unmerged": unmerged, "merged": merged}, tok, PROMPTS[:batch], new_tokens, repeats)
+        for state, run in runs.items():
+            results["runs"][f"{state}/b{batch}"] = run
     return results
 
 
@@ -151,7 +159,7 @@ def main() -> None:
     ap.add_argument("--tool", choices=("adaptune", "peft"))
     ap.add_argument("--adapter")
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--wait-quiet", type=float, default=120,
                     help="before each tool, wait up to this many seconds for other processes to go idle")

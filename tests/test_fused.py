@@ -166,25 +166,31 @@ def test_swiglu_does_not_reuse_views_or_one_tensor_given_twice():
     torch.testing.assert_close(grad, want)
 
 
-def test_fused_mlp_gives_reuse_up_while_a_hook_may_hold_the_outputs():
-    from adaptune.fused import fuse_gated_mlps
+def test_fused_mlp_leaves_outputs_a_forward_hook_holds_and_matches_the_plain_mlp():
+    from adaptune.fused import fuse_gated_mlps, unfuse_gated_mlps
 
     model = tiny_llama()
-    fuse_gated_mlps(model)
     mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 3, mlp.gate_proj.in_features)
+
+    def input_grad() -> torch.Tensor:
+        xg = x.clone().requires_grad_()
+        (mlp(xg) * torch.linspace(-1, 1, x.shape[-1])).sum().backward()
+        return xg.grad
+
+    want = input_grad()  # the module's own forward
+    fuse_gated_mlps(model)
+    assert torch.equal(input_grad(), want)  # no hook: gate and up reused, same gradient
     kept = []
-    x = torch.randn(1, 3, mlp.gate_proj.in_features, requires_grad=True)
     handle = mlp.gate_proj.register_forward_hook(lambda m, i, o: kept.append(o))
-    before = None
     try:
-        out = mlp(x)
+        out = mlp(x.clone().requires_grad_())
         before = kept[0].detach().clone()
         out.sum().backward()
     finally:
         handle.remove()
+        unfuse_gated_mlps(model)
     assert torch.equal(kept[0].detach(), before)  # the hooked output was not overwritten
-    out = mlp(x)
-    assert out.grad_fn is not None and out.grad_fn.next_functions  # and without a hook it still trains
 
 
 def _lora_llama_step(fuse, targets: list[str]):
