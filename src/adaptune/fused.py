@@ -16,9 +16,10 @@ layer, more than half of what a q/v LoRA step keeps on such a model. This keeps 
 makes silu(gate) again in backward (elementwise, no matmul). ``fuse_gated_mlps`` switches a
 model's MLP modules to it where a numerical probe shows the module computes exactly that. There,
 gate and up are the MLP's own fresh tensors, which nothing else holds, so backward writes the two
-gradients into their memory (``reuse_inputs``) instead of two new intermediate-wide buffers: on a
-CPU, writing a fresh buffer that is not in cache was what made those two ops the slowest of the
-step's elementwise work (profiled in bench/step_profile.py: 2-4 ms each, against 0.07 ms in place).
+gradients into their memory (``reuse_inputs``) instead of two new intermediate-wide buffers. On a
+CPU, writing a fresh buffer that is not in cache made those two ops the slowest elementwise work
+of a SmolLM2 step (torch.profiler, 512 tokens: 1.2-4.3 ms each, against 0.06-0.07 ms in place);
+the step as a whole ran 1-2 % faster (alternating A/B steps in one process).
 
 ``rms_norm``: Llama's RMSNorm, ``w * x * rsqrt(mean(x^2) + eps)``, in one buffer. The plain ops
 allocate three token x hidden tensors per norm (x^2, the normalised x, its product with w) and keep
