@@ -1,6 +1,6 @@
 """Generation speed with a LoRA adapter: adaptune unmerged vs merged, and peft unmerged (and merged).
 
-    python bench/generate.py                 # ~2-3 min on 2 cores
+    python bench/generate.py                 # ~3 min on 2 cores
     python bench/generate.py --summary bench/results/generate-*.json
 
 The embedded SmolLM2-135M-Instruct in fp32; one LoRA adapter (r=8, alpha=16 on q_proj, v_proj,
