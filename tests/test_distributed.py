@@ -56,3 +56,32 @@ def test_two_process_ddp_matches_one_process_with_same_global_batch(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
     leftovers = [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_command_ends_the_process_group_it_ran_under(monkeypatch, tmp_path, fails):
+    """Left to interpreter exit, gloo's threads sometimes abort a finished torchrun process (SIGABRT)."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from adaptune import cli, recipe
+
+    def run_train(job):
+        if fails:
+            raise RuntimeError("training failed")
+        return {}
+
+    monkeypatch.setattr(recipe, "run_train", run_train)
+    monkeypatch.setattr(cli, "job_from_args", lambda args: None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="training failed"):
+                cli.cmd_train(argparse.Namespace())
+        else:
+            assert cli.cmd_train(argparse.Namespace()) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -142,8 +142,24 @@ def job_from_args(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from .recipe import run_train
 
-    run_train(job_from_args(args))
+    try:
+        run_train(job_from_args(args))
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun, end the process group before the interpreter does: gloo's worker threads
+    left running at exit sometimes abort the process ("terminate called without an active
+    exception", SIGABRT) after a run that trained and saved correctly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - never hide the run's own outcome behind a teardown error
+            pass
 
 
 # ---- generate ----------------------------------------------------------------------------------
