@@ -108,11 +108,12 @@ class _SwiGLU(torch.autograd.Function):
             raise RuntimeError("adaptune.fused.swiglu's backward wrote its gradients into gate's and up's memory, so "
                                "it cannot run twice (retain_graph=True); switch fused_mlp_activation off for that")
         gate, up = ctx.saved_tensors
-        # not when backward is itself recorded (create_graph=True): autograd needs gate and up intact
-        in_place = ctx.reuse and not torch.is_grad_enabled()
+        # backward itself recorded (create_graph=True): autograd needs gate and up intact
+        recorded = torch.is_grad_enabled()
+        in_place = ctx.reuse and not recorded
         ctx.spent = in_place
         grad_gate = grad_up = None
-        if ctx.needs_input_grad[0] and torch.is_grad_enabled():  # differentiable, as torch's own silu does
+        if ctx.needs_input_grad[0] and recorded:  # differentiable, as torch's own silu does
             sig = torch.sigmoid(gate)
             grad_gate = grad_out * up * sig * (1 + gate * (1 - sig))
         elif ctx.needs_input_grad[0]:  # before gate is overwritten: it reads gate
