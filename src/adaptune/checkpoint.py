@@ -16,6 +16,7 @@ import math
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 
@@ -28,43 +29,87 @@ PREFIX = "base_model.model."
 
 
 # ---- LoRA state dict <-> peft keys -------------------------------------------------------------
-def lora_state_dict(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's on-disk names (``tuner`` is a LoraModel)."""
+TensorReader = Callable[[str, torch.Tensor], torch.Tensor]
+
+# Module wrappers that nn.Module paths go through but state-dict names leave out: FSDP1's, activation
+# checkpointing's, torch.compile's.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_path(path: str) -> str:
+    """``path`` as a state dict names it: without the segments that module wrappers add."""
+    for segment in _WRAPPER_SEGMENTS:
+        path = path.replace(segment, "")
+    return path
+
+
+def tensor_reader(state_dict: Mapping[str, torch.Tensor] | None, prefix: str = "") -> TensorReader:
+    """``read(path, own)``: a module's tensor ``own`` at ``path``, or, when ``state_dict`` is given,
+    its entry ``prefix + path`` there.
+
+    Under FSDP or DeepSpeed ZeRO-3 a module holds only this process's shard of each weight; the
+    full tensors are in the state dict those engines gather (transformers' Trainer passes it to
+    ``_save``). A name missing from it is an error, never a silent fall back to the shard.
+    """
+    if state_dict is None:
+        return lambda path, own: own
+
+    def read(path: str, own: torch.Tensor) -> torch.Tensor:
+        key = prefix + clean_path(path)
+        if key not in state_dict:
+            raise AdapterFileError(f"the state_dict passed has no {key!r} (its first names: {list(state_dict)[:3]}); "
+                                   f"pass the PeftModel's own state_dict, gathered whole")
+        return state_dict[key]
+
+    return read
+
+
+def lora_state_dict(tuner, adapter_name: str,
+                    state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's on-disk names (``tuner`` is a LoraModel), read from the
+    modules or from ``state_dict``, the PeftModel's full state dict (see :func:`tensor_reader`)."""
     config: LoraConfig = tuner.peft_config[adapter_name]
+    read = tensor_reader(state_dict, PREFIX)
     out: dict[str, torch.Tensor] = {}
     for name, layer in tuner.lora_layers():
         if adapter_name not in layer.specs:
             continue
+        name = clean_path(name)
         key = PREFIX + name
         if layer.is_embedding:
-            out[f"{key}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
-            out[f"{key}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+            for part in ("lora_embedding_A", "lora_embedding_B"):
+                out[f"{key}.{part}"] = read(f"{name}.{part}.{adapter_name}", getattr(layer, part)[adapter_name])
         else:
-            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            a = read(f"{name}.lora_A.{adapter_name}.weight", layer.lora_A[adapter_name].weight)
+            b = read(f"{name}.lora_B.{adapter_name}.weight", layer.lora_B[adapter_name].weight)
             if layer.specs[adapter_name].slices:
-                b = _full_b_from_slices(layer, adapter_name)
+                b = _full_b_from_slices(layer, adapter_name, b)
             out[f"{key}.lora_A.weight"] = a
             out[f"{key}.lora_B.weight"] = b
         if adapter_name in layer.lora_magnitude_vector:
-            out[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+            out[f"{key}.lora_magnitude_vector"] = read(f"{name}.lora_magnitude_vector.{adapter_name}",
+                                                       layer.lora_magnitude_vector[adapter_name])
         if config.bias in ("lora_only", "all") and getattr(layer.base_layer, "bias", None) is not None:
-            out[f"{key}.base_layer.bias"] = layer.base_layer.bias
+            out[f"{key}.base_layer.bias"] = read(f"{name}.base_layer.bias", layer.base_layer.bias)
     if config.bias == "all":
         for pname, p in tuner.model.named_parameters():
+            pname = clean_path(pname)
             if pname.endswith("bias") and "lora_" not in pname and ".base_layer." not in pname \
                     and ".modules_to_save." not in pname and ".original_module." not in pname:
-                out[PREFIX + pname] = p
+                out[PREFIX + pname] = read(pname, p)
     for name, wrapper in tuner.save_wrappers():
+        name = clean_path(name)
         if adapter_name in wrapper.modules_to_save:
             for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
-                out[f"{PREFIX}{name}.{pname}"] = p
+                pname = clean_path(pname)
+                out[f"{PREFIX}{name}.{pname}"] = read(f"{name}.modules_to_save.{adapter_name}.{pname}", p)
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def _full_b_from_slices(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-    """Block matrix (out, n*r): slice i's B in its rows and its r columns, zeros elsewhere."""
+def _full_b_from_slices(layer: LoraLayer, adapter_name: str, b: torch.Tensor) -> torch.Tensor:
+    """Block matrix (out, n*r): slice i's B (``b``, slice after slice) in its rows and its r
+    columns, zeros elsewhere."""
     spec = layer.specs[adapter_name]
-    b = layer.lora_B[adapter_name].weight
     rows = spec.slices[0][1] - spec.slices[0][0]
     full = b.new_zeros(layer.out_features, spec.r * len(spec.slices))
     for i, (start, stop) in enumerate(spec.slices):

@@ -206,10 +206,21 @@ def _probe_matches(base: nn.Module, body: nn.Module, head: nn.Module) -> bool:
     return got.shape == ref.shape and bool((got - ref).abs().max() <= tol)
 
 
+def _sharded_by_fsdp2(model: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) shards any of ``model``'s modules. It gathers the weights of
+    a sharded module in hooks on that module's own forward; calling the body and the head apart,
+    as the chunked loss does, would go around the root's hooks and leave its weights sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def supports_chunked_loss(model: nn.Module) -> bool:
     """Whether :func:`causal_lm_loss` computes this model's own loss (probed once per model)."""
     parts = causal_lm_parts(model)
-    if parts is None:
+    if parts is None or _sharded_by_fsdp2(model):
         return False
     base, body, head = parts
     cached = base.__dict__.get("_adaptune_chunked_loss")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,16 @@ def _name_of(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
+
+def _memory_id(tensor: torch.Tensor) -> int:
+    """What identifies ``tensor``'s memory: its storage's address, else (meta tensors, and tensor
+    subclasses without one of their own, such as FSDP2's sharded DTensor parameters) the object."""
+    if tensor.device.type == "meta":
+        return id(tensor)
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(tensor)
 
 class PeftModel(nn.Module):
     """A transformers model with named adapters. Construct with ``get_peft_model``."""
@@ -139,7 +149,7 @@ class PeftModel(nn.Module):
             return state
         seen: set[int] = set()
         for key, value in state.items():
-            ptr = value.untyped_storage().data_ptr() if value.device.type != "meta" else id(value)
+            ptr = _memory_id(value)
             if ptr in seen:
                 state[key] = value.clone()
             seen.add(ptr)
@@ -253,8 +263,12 @@ class PeftModel(nn.Module):
     # ---- files -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True,
                         selected_adapters: Sequence[str] | None = None, is_main_process: bool = True,
-                        **_: Any) -> None:
-        """Write each adapter in peft's layout: ``default`` at the root, others in sub-folders."""
+                        state_dict: Mapping[str, torch.Tensor] | None = None, **_: Any) -> None:
+        """Write each adapter in peft's layout: ``default`` at the root, others in sub-folders.
+
+        ``state_dict`` (as peft's): this model's full state dict to take the adapter's tensors
+        from instead of its modules, as FSDP and DeepSpeed ZeRO-3 gather it from their shards.
+        """
         if not is_main_process:
             return
         if not safe_serialization:
@@ -268,15 +282,17 @@ class PeftModel(nn.Module):
                 raise ConfigError(f"no adapter named {name!r}; adapters: {list(self.peft_config)}")
             folder = root if name == "default" else root / name
             folder.mkdir(parents=True, exist_ok=True)
-            tensors, config = self._disk_state(name)
+            tensors, config = self._disk_state(name, state_dict)
             checkpoint.write_adapter_tensors(folder, tensors)
             config.save_pretrained(folder)
             _write_model_card(folder, config)
 
-    def _disk_state(self, name: str) -> tuple[dict[str, torch.Tensor], PeftConfig]:
+    def _disk_state(self, name: str, state_dict: Mapping[str, torch.Tensor] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], PeftConfig]:
         if self._is_prompt_learning:
-            return self._prompt.state_dict_for_disk(name), self.peft_config[name]
-        return checkpoint.lora_state_dict(self.base_model, name), checkpoint.config_for_disk(self.base_model, name)
+            return self._prompt.state_dict_for_disk(name, state_dict), self.peft_config[name]
+        return (checkpoint.lora_state_dict(self.base_model, name, state_dict),
+                checkpoint.config_for_disk(self.base_model, name))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",

@@ -35,7 +35,7 @@ import inspect
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -48,6 +48,7 @@ from .config import (
     PromptTuningConfig,
     TaskType,
 )
+from .checkpoint import clean_path, tensor_reader
 from .errors import AdapterFileError, ConfigError
 from .lora import ModulesToSaveWrapper
 
@@ -552,14 +553,23 @@ class PromptLearning:
         return self.model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
     # ---- files ------------------------------------------------------------------------------
-    def state_dict_for_disk(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """peft's tensors: ``prompt_embeddings`` (the encoder output) and any trained heads."""
+    def state_dict_for_disk(self, adapter_name: str,
+                            state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """peft's tensors: ``prompt_embeddings`` (the encoder output) and any trained heads, from
+        the modules or from ``state_dict``, the PeftModel's full one (``checkpoint.tensor_reader``)."""
+        read = tensor_reader(state_dict)
+        encoder = self.encoders[adapter_name]
+        weights = {pname: read(f"prompt_encoder.{adapter_name}.{pname}", p)
+                   for pname, p in encoder.named_parameters()}
         with torch.no_grad():
-            out = {DISK_KEY: self.prompt_output(adapter_name)}
+            out = {DISK_KEY: torch.func.functional_call(encoder, weights, ())}
         for path, wrapper in self._wrappers():
+            path = clean_path(path)
             if adapter_name in wrapper.modules_to_save:
                 for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
-                    out[f"{HEAD_PREFIX}{path}.{pname}"] = p
+                    pname = clean_path(pname)
+                    out[f"{HEAD_PREFIX}{path}.{pname}"] = read(
+                        f"{HEAD_PREFIX}{path}.modules_to_save.{adapter_name}.{pname}", p)
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def load_state_dict_from_disk(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str,

@@ -194,6 +194,10 @@ class TrainingArguments(transformers.TrainingArguments):
             self.use_cpu = True
             if self.ddp_backend is None:
                 self.ddp_backend = "gloo"
+            asked = self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+            if asked and os.environ.get("RANK", "0") == "0":
+                _warn("FSDP was asked for, but accelerate runs FSDP only on accelerators (GPUs): on this CPU "
+                      "the processes train with DDP instead, each holding the whole model", stacklevel=5)
 
     def _fall_back_precision(self) -> None:
         """fp16/bf16 asked for on hardware that lacks it -> the best precision it has, said once."""
@@ -494,6 +498,8 @@ class Trainer(transformers.Trainer):
             return False
         if self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model:
             return False  # DDP / a whole-model compile wrapper: run it, not around it
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return False  # sharded weights are gathered by hooks on the model's forward, which this goes around
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
             return False
@@ -546,22 +552,31 @@ class Trainer(transformers.Trainer):
 
     # ---- saving and loading adapters ---------------------------------------------------------
 
-    def _unwrapped_adapter_model(self, model: Any = None) -> Any | None:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # sharded states: transformers' own path
-            return None
+    def _adapter_model(self, model: Any = None) -> Any | None:
+        """The adaptune adapter model inside ``model`` (default: the Trainer's), or None."""
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         return model if _adapter_base(model) is not None else None
 
+    def _unwrapped_adapter_model(self, model: Any = None) -> Any | None:
+        """The adapter model to load a checkpoint into, or None for transformers' own path."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # sharded weights: transformers' loaders
+            return None
+        return self._adapter_model(model)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        model = self._unwrapped_adapter_model()
-        if model is None or state_dict is not None:
+        """The adapter in peft's format. Under FSDP (full state dict) and DeepSpeed ZeRO-3,
+        transformers passes the weights gathered from all processes as ``state_dict``; the
+        adapter's tensors are taken from it, where transformers would write the whole dict as a
+        ``model.safetensors`` (it only knows peft's own PeftModel)."""
+        model = self._adapter_model()
+        if model is None:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         logger.info(f"Saving adapter checkpoint to {output_dir}")
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir)
+        model.save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         # JSON, not transformers' pickled training_args.bin: adaptune never unpickles.
