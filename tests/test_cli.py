@@ -111,3 +111,20 @@ def test_bad_input_is_one_clear_line_and_exit_2(argv, text, model_dir, capsys):
     last = err.splitlines()[-1]  # (transformers may draw a weight-loading bar first)
     assert last.startswith("adaptune: error:") and text in last
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true"},
+                                 {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+def test_train_refuses_a_sharded_launch_on_accelerators(env, model_dir, text_file, tmp_path, monkeypatch, capsys):
+    """Sharded weights (FSDP, ZeRO-3) would hang its main-process evaluation: one clear line instead."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("adaptune.trainer._accelerator_type", lambda: "cuda")
+    argv = ["train", "--model", str(model_dir), "--data", str(text_file), "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("adaptune: error:") and "adaptune.Trainer" in last
+    assert not (tmp_path / "out").exists()
+    if "ACCELERATE_USE_FSDP" in env:
+        monkeypatch.setattr("adaptune.trainer._accelerator_type", lambda: None)  # a CPU: accelerate runs DDP
+        assert main([*argv, "--max-steps", "1", "--eval-every", "0"]) == 0

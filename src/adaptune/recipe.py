@@ -298,6 +298,22 @@ def _model_card(job: TrainJob, result: dict) -> str:
     ])
 
 
+def _refuse_sharded_launch() -> None:
+    """``adaptune train`` measures, samples and saves on the main process alone, which needs every
+    weight whole there: under FSDP or DeepSpeed ZeRO-3 (``accelerate launch``, which turns them on
+    only where there are accelerators) it would hang in a gather or save one process's shards."""
+    from .trainer import _accelerator_type
+
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true") \
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    if (fsdp or zero3) and _accelerator_type() is not None:
+        raise ConfigError(f"adaptune train runs several processes as DDP (torchrun, or accelerate launch without "
+                          f"{'--use_fsdp' if fsdp else 'ZeRO stage 3'}): it evaluates and saves on one process, which "
+                          f"needs whole weights. To shard the model, train with adaptune.Trainer in a script "
+                          f"(README, 'Several processes')")
+
+
 def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
     from .atomic import atomic_write_json, atomic_write_text, check_writable, remove_temporaries
@@ -307,6 +323,7 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     from .trainer import Trainer, TrainingArguments
 
     started = time.time()
+    _refuse_sharded_launch()
     out = Path(job.output)
     check_writable(out, need_bytes=50 * 2**20)
     if int(os.environ.get("RANK", "0")) == 0:  # temporary files of a killed earlier run
