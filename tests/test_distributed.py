@@ -18,8 +18,8 @@ from tests.tiny import WORDS, make_tokenizer, tiny_llama
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 
 
-def _run(cmd: list[str], cwd) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def _run(cmd: list[str], cwd, extra_env: dict[str, str] | None = None) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -85,3 +85,27 @@ def test_train_command_ends_the_process_group_it_ran_under(monkeypatch, tmp_path
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_lora_trains_and_saves_as_one_process(tmp_path):
+    """FSDP2 (``fully_shard``, gloo) over 2 processes: each holds half of every weight. The run
+    matches one process on the whole batch, and the adapter saved from the gathered full state
+    dict equals its adapter (what transformers' Trainer does with FSDP's full state dict)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _run([sys.executable, "-m", "tests.fsdp2_worker", str(tmp_path / "one")], tmp_path, env)
+    _run(["torchrun", "--nproc_per_node", "2", "-m", "tests.fsdp2_worker", str(tmp_path / "two")], tmp_path, env)
+
+    one = json.loads((tmp_path / "one" / "run.json").read_text())
+    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert one["chunked_loss_before"] and two["chunked_loss_before"]
+    assert one["chunked_loss_after"] and not two["chunked_loss_after"], "no chunked loss around FSDP2's hooks"
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert one["losses"][-1] < one["losses"][0]
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 8
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
