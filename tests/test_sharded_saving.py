@@ -106,6 +106,16 @@ def test_trainer_save_with_a_gathered_state_dict_writes_the_adapter(tmp_path):
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
 
+    # Sharded, with nothing gathered (FSDP's SHARDED_STATE_DICT, ZeRO-3 without its 16-bit gather):
+    # the modules hold shards, so no adapter is written from them; transformers' own save runs.
+    trainer.is_fsdp_enabled = True
+    for i, state in enumerate([None, {}]):
+        trainer._save(str(tmp_path / f"sharded-{i}"), state_dict=state)
+        assert not (tmp_path / f"sharded-{i}" / "adapter_model.safetensors").exists()
+    trainer._save(str(tmp_path / "sharded-gathered"), state_dict=trained.state_dict())
+    got = _files(tmp_path / "sharded-gathered")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
 
 def test_fsdp_asked_for_on_a_cpu_says_it_trains_with_ddp(monkeypatch, tmp_path):
     """accelerate launch --use_fsdp on a CPU-only machine silently runs DDP; adaptune says so."""

@@ -60,6 +60,7 @@ def _memory_id(tensor: torch.Tensor) -> int:
     except (RuntimeError, NotImplementedError):
         return id(tensor)
 
+
 class PeftModel(nn.Module):
     """A transformers model with named adapters. Construct with ``get_peft_model``."""
 

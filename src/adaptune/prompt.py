@@ -40,6 +40,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from .checkpoint import clean_path, tensor_reader
 from .config import (
     PeftType,
     PrefixTuningConfig,
@@ -48,7 +49,6 @@ from .config import (
     PromptTuningConfig,
     TaskType,
 )
-from .checkpoint import clean_path, tensor_reader
 from .errors import AdapterFileError, ConfigError
 from .lora import ModulesToSaveWrapper
 

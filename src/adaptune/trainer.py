@@ -569,14 +569,14 @@ class Trainer(transformers.Trainer):
         adapter's tensors are taken from it, where transformers would write the whole dict as a
         ``model.safetensors`` (it only knows peft's own PeftModel)."""
         model = self._adapter_model()
-        if model is None:
-            return super()._save(output_dir, state_dict)
+        if model is None or (not state_dict and (self.is_fsdp_enabled or self.is_deepspeed_enabled)):
+            return super()._save(output_dir, state_dict)  # nothing gathered: the modules hold shards
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         logger.info(f"Saving adapter checkpoint to {output_dir}")
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, state_dict=state_dict)
+        model.save_pretrained(output_dir, state_dict=state_dict or None)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         # JSON, not transformers' pickled training_args.bin: adaptune never unpickles.
