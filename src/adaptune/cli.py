@@ -142,17 +142,17 @@ def job_from_args(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from .recipe import run_train
 
-    try:
-        run_train(job_from_args(args))
-    finally:
-        _close_process_group()
+    run_train(job_from_args(args))
+    # Only after a run that ended well: a failed rank's peers may still be inside a collective,
+    # and ending the group under them can wait on them for ever (the failure ends the job anyway).
+    _close_process_group()
     return 0
 
 
 def _close_process_group() -> None:
     """Under torchrun, end the process group before the interpreter does: gloo's worker threads
     left running at exit sometimes abort the process ("terminate called without an active
-    exception", SIGABRT) after a run that trained and saved correctly."""
+    exception", SIGABRT) after a run that trained and saved correctly (pytorch/pytorch#190489)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
