@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from adaptune import LoraConfig, get_peft_model
+from adaptune.errors import AdapterFileError
 from adaptune.loss import supports_chunked_loss
 from tests.tiny import tiny_llama
 
@@ -60,6 +61,11 @@ def main(out: Path) -> None:
     else:
         state = model.state_dict()
     if rank == 0:
+        if world > 1:  # the modules hold shards: saving from them is refused, with what to do
+            try:
+                model.save_pretrained(out / "from-shards")
+            except AdapterFileError as exc:
+                record["save_from_shards"] = str(exc)
         model.save_pretrained(out / "adapter", state_dict=state)
         (out / "run.json").write_text(json.dumps({**record, "losses": losses}))
     if world > 1:

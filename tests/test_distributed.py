@@ -104,6 +104,8 @@ def test_fsdp2_sharded_lora_trains_and_saves_as_one_process(tmp_path):
     two = json.loads((tmp_path / "two" / "run.json").read_text())
     assert one["chunked_loss_before"] and two["chunked_loss_before"]
     assert one["chunked_loss_after"] and not two["chunked_loss_after"], "no chunked loss around FSDP2's hooks"
+    assert "sharded" in two["save_from_shards"] and "get_model_state_dict" in two["save_from_shards"]
+    assert not (tmp_path / "two" / "from-shards" / "adapter_model.safetensors").exists()
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert one["losses"][-1] < one["losses"][0]
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")

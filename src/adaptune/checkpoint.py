@@ -64,6 +64,22 @@ def tensor_reader(state_dict: Mapping[str, torch.Tensor] | None, prefix: str = "
     return read
 
 
+def disk_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies to write. A sharded tensor (FSDP2's DTensor) holds only this
+    process's part: it is refused with what to pass instead, never written as if it were whole."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        DTensor = ()
+    sharded = [k for k, v in tensors.items() if isinstance(v, DTensor)]
+    if sharded:
+        raise AdapterFileError(
+            f"{sharded[0]} is sharded over processes (FSDP2): save with state_dict=<the full state dict, "
+            f"gathered on every process>, e.g. torch.distributed.checkpoint.state_dict.get_model_state_dict("
+            f"model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))")
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
 def lora_state_dict(tuner, adapter_name: str,
                     state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's on-disk names (``tuner`` is a LoraModel), read from the
@@ -103,7 +119,7 @@ def lora_state_dict(tuner, adapter_name: str,
             for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
                 pname = clean_path(pname)
                 out[f"{PREFIX}{name}.{pname}"] = read(f"{name}.modules_to_save.{adapter_name}.{pname}", p)
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    return disk_tensors(out)
 
 
 def _full_b_from_slices(layer: LoraLayer, adapter_name: str, b: torch.Tensor) -> torch.Tensor:

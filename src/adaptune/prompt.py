@@ -40,7 +40,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from .checkpoint import clean_path, tensor_reader
+from .checkpoint import clean_path, disk_tensors, tensor_reader
 from .config import (
     PeftType,
     PrefixTuningConfig,
@@ -570,7 +570,7 @@ class PromptLearning:
                     pname = clean_path(pname)
                     out[f"{HEAD_PREFIX}{path}.{pname}"] = read(
                         f"{HEAD_PREFIX}{path}.modules_to_save.{adapter_name}.{pname}", p)
-        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+        return disk_tensors(out)
 
     def load_state_dict_from_disk(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str,
                                   trainable: bool | None = None) -> None:
