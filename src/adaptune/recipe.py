@@ -559,10 +559,11 @@ def _encoder_checkpoint_trainer():
             super()._save(output_dir, state_dict)
             if self.args.should_save:
                 from .atomic import atomic_save_safetensors
+                from .checkpoint import disk_tensors
 
                 model = self.accelerator.unwrap_model(self.model)
                 encoder = model.prompt_encoder[model.active_adapter]
-                tensors = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+                tensors = disk_tensors(encoder.state_dict())
                 folder = Path(output_dir if output_dir is not None else self.args.output_dir)
                 atomic_save_safetensors(tensors, folder / ENCODER_STATE)
 
