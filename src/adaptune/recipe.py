@@ -302,11 +302,10 @@ def _refuse_sharded_launch() -> None:
     """``adaptune train`` measures, samples and saves on the main process alone, which needs every
     weight whole there: under FSDP or DeepSpeed ZeRO-3 (``accelerate launch``, which turns them on
     only where there are accelerators) it would hang in a gather or save one process's shards."""
-    from .trainer import _accelerator_type
+    from .trainer import _accelerator_type, launched_with
 
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true") \
-        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    fsdp = launched_with("ACCELERATE_USE_FSDP")
+    zero3 = launched_with("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     if (fsdp or zero3) and _accelerator_type() is not None:
         raise ConfigError(f"adaptune train runs several processes as DDP (torchrun, or accelerate launch without "
                           f"{'--use_fsdp' if fsdp else 'ZeRO stage 3'}): it evaluates and saves on one process, which "

@@ -76,6 +76,11 @@ def _warn(message: str, stacklevel: int = 3) -> None:
 # ---- precision --------------------------------------------------------------------------------
 
 
+def launched_with(flag: str) -> bool:
+    """Whether ``accelerate launch`` turned ``flag`` on (it passes its choices as environment variables)."""
+    return os.environ.get(flag, "false").lower() in ("1", "true")
+
+
 def _accelerator_type() -> str | None:
     """'cuda', 'xpu', 'mps', ... for the accelerator torch sees, or None on a CPU-only machine."""
     acc = getattr(torch, "accelerator", None)
@@ -194,7 +199,7 @@ class TrainingArguments(transformers.TrainingArguments):
             self.use_cpu = True
             if self.ddp_backend is None:
                 self.ddp_backend = "gloo"
-            asked = self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+            asked = self.fsdp or launched_with("ACCELERATE_USE_FSDP")
             if asked and os.environ.get("RANK", "0") == "0":
                 _warn("FSDP was asked for, but accelerate runs FSDP only on accelerators (GPUs): on this CPU "
                       "the processes train with DDP instead, each holding the whole model", stacklevel=5)
