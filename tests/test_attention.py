@@ -20,6 +20,17 @@ def _packed(lengths, seed=0):
     return pieces, ids, pos
 
 
+def _graph_nodes(out: torch.Tensor) -> set[str]:
+    """The kinds of autograd nodes behind ``out``."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [nxt for nxt, _ in fn.next_functions]
+    return {type(fn).__name__ for fn in seen}
+
+
 def test_segments_start_wherever_positions_do_not_follow():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
     assert segments(pos) == [[(0, 3), (3, 5), (5, 8)], [(0, 8)]]
@@ -53,13 +64,61 @@ def test_lora_gradients_equal_sdpas_masked_row():
         _, ids, pos = _packed([6, 4, 9], seed=1)
         ids = torch.cat([ids, ids.flip(1)])  # two rows, the same segments
         with packed_attention(model) if packed else contextlib.nullcontext():
-            model(input_ids=ids, position_ids=pos.expand(2, -1), labels=ids).loss.backward()
+            loss = model(input_ids=ids, position_ids=pos.expand(2, -1), labels=ids).loss
+        nodes.update(_graph_nodes(loss))
+        loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
+    nodes: set[str] = set()
     got, want = grads(True), grads(False)
+    # the examples' outputs are joined by cat, not written into slices of one buffer, whose backward
+    # (CopySlices) clones the whole gradient once per example
+    assert "CopySlices" not in nodes
     assert got.keys() == want.keys() and len(got) == 2 * 3 * 2
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_rows_of_equal_examples_attend_in_one_call_on_views_of_the_rows(monkeypatch):
+    """Full blocks (every row cut into examples of one length): one kernel call on views of the
+    rows, not copies, with the logits and LoRA gradients of sdpa's masked rows."""
+    from adaptune import attention
+
+    calls = []
+    kernel = attention._causal_sdpa
+
+    def spy(q, k, v, *args):
+        calls.append(q)
+        return kernel(q, k, v, *args)
+
+    def run(rows: int, packed: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+        model.train()
+        model.config.use_cache = False
+        ids = torch.randint(3, 100, (rows, 16), generator=torch.Generator().manual_seed(rows))
+        pos = torch.arange(4).repeat(rows, 4)
+        with packed_attention(model) if packed else contextlib.nullcontext():
+            out = model(input_ids=ids, position_ids=pos, labels=ids)
+        out.loss.backward()
+        return out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    monkeypatch.setattr(attention, "_causal_sdpa", spy)
+    for rows in (1, 2):
+        calls.clear()
+        (got_logits, got), (want_logits, want) = run(rows, True), run(rows, False)
+        layers = tiny_llama().config.num_hidden_layers
+        assert len(calls) == layers and all(q.shape[0] == 4 * rows and q.shape[2] == 4 for q in calls)
+        if rows == 1:  # the kernel reads the row's own memory
+            assert all(q._base is not None and not q.is_contiguous() for q in calls)
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+        assert got.keys() == want.keys() and len(got) == 2 * 3 * layers
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
 
 
 def test_padding_masks_and_generation_take_sdpas_own_path():

@@ -13,6 +13,9 @@ the examples alone, whatever the row width. Rows may then be as wide as a whole 
 batch of short examples becomes one row with no padding at all (``BatchPackingCollator`` with a
 wide ``max_length``). This is what FlashAttention-2's variable-length path does on a GPU
 (``cu_seqlens`` from ``position_ids``), written with PyTorch's own kernel so it runs on a CPU.
+Examples of one length run as one batched call; when every row is cut into examples of one
+length (full blocks), that call reads views of the rows, with no copy in or out (2-5% of a
+SmolLM2 step on 512-1,024-token rows, alternating A/B steps in one process).
 
 Anything else (a padding mask, a KV cache, one token at a time) goes to transformers' ``sdpa``
 unchanged. :func:`packed_attention` switches a model from ``sdpa`` to this for a block of code.
@@ -87,18 +90,46 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     if all(len(r) == 1 for r in rows):  # nothing packed: one causal call
         out = _causal_sdpa(query, key, value, p, scaling, gqa)
         return out.transpose(1, 2).contiguous(), None
-    dtype = torch.float32 if _fp32_on_cpu(query) else query.dtype
-    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3], dtype=dtype)  # (B, T, H, D)
+    length = _tile_length(rows)
+    if length is not None:  # every row cut into examples of one length (full blocks): views, one call
+        batch, heads, width, dim = query.shape
+        q, k, v = (_as_examples(t, length) for t in (query, key, value))
+        out = _causal_sdpa(q, k, v, p, scaling, gqa)  # (examples, H, length, D)
+        return out.transpose(1, 2).reshape(batch, width, heads, dim), None
+    # Each example as a view of its row: split, not slices, because in backward split's gradient is
+    # one cat of the pieces' gradients, where each slice's is a zero-filled tensor as big as the row.
+    pieces = [[row.split([stop - start for start, stop in spans], dim=1) for row, spans in zip(t.unbind(0), rows)]
+              for t in (query, key, value)]
     by_length: dict[int, list[tuple[int, int]]] = {}
     for b, spans in enumerate(rows):
-        for start, stop in spans:
-            by_length.setdefault(stop - start, []).append((b, start))
-    for length, places in by_length.items():  # examples of one length: one batched call
-        q, k, v = (_gather(t, places, length) for t in (query, key, value))
-        pieces = _causal_sdpa(q, k, v, p, scaling, gqa)
-        for (b, s), piece in zip(places, pieces):
-            out[b, s:s + length] = piece.transpose(0, 1)
-    return out, None
+        for i, (start, stop) in enumerate(spans):
+            by_length.setdefault(stop - start, []).append((b, i))
+    outs: dict[tuple[int, int], torch.Tensor] = {}
+    for places in by_length.values():  # examples of one length: one batched call
+        q, k, v = (_stack([part[b][i] for b, i in places]) for part in pieces)
+        outs.update(zip(places, _causal_sdpa(q, k, v, p, scaling, gqa).unbind(0)))
+    # (T, H, D) rows in column order; a cat for the same reason (writes into slices of one buffer
+    # would each clone the whole gradient in backward)
+    out = [torch.cat([outs[b, i].transpose(0, 1) for i in range(len(spans))]) for b, spans in enumerate(rows)]
+    return _stack(out), None
+
+
+def _tile_length(rows: list[list[tuple[int, int]]]) -> int | None:
+    """The example length when all rows are cut into examples of that one length, else None."""
+    length = rows[0][0][1] - rows[0][0][0]
+    return length if all(stop - start == length for spans in rows for start, stop in spans) else None
+
+
+def _as_examples(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B * T / length, H, length, D), each row's examples side by side: a view where
+    the layout allows (one row: always; several: when t is a (B, T, H, D) tensor transposed), else a copy."""
+    batch, heads, width, dim = t.shape
+    return t.unflatten(2, (width // length, length)).transpose(1, 2).reshape(-1, heads, length, dim)
+
+
+def _stack(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, without a copy for one piece."""
+    return pieces[0].unsqueeze(0) if len(pieces) == 1 else torch.stack(pieces)
 
 
 def _fp32_on_cpu(query: torch.Tensor) -> bool:
@@ -115,14 +146,6 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, sc
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=p, is_causal=True,
                                                   scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa)
-
-
-def _gather(t: torch.Tensor, places: list[tuple[int, int]], length: int) -> torch.Tensor:
-    """(n, heads, length, dim): the ``length`` columns at each (row, start) of ``places``."""
-    if len(places) == 1:
-        (b, s), = places
-        return t[b:b + 1, :, s:s + length]  # a view, no copy
-    return torch.stack([t[b, :, s:s + length] for b, s in places])
 
 
 def _packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
