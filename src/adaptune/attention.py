@@ -98,7 +98,7 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         return out.transpose(1, 2).reshape(batch, width, heads, dim), None
     # Each example as a view of its row: split, not slices, because in backward split's gradient is
     # one cat of the pieces' gradients, where each slice's is a zero-filled tensor as big as the row.
-    pieces = [[row.split([stop - start for start, stop in spans], dim=1) for row, spans in zip(t.unbind(0), rows)]
+    pieces = [[row.split([stop - start for start, stop in spans], dim=1) for row, spans in zip(_unstack(t), rows)]
               for t in (query, key, value)]
     by_length: dict[int, list[tuple[int, int]]] = {}
     for b, spans in enumerate(rows):
@@ -107,7 +107,7 @@ def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     outs: dict[tuple[int, int], torch.Tensor] = {}
     for places in by_length.values():  # examples of one length: one batched call
         q, k, v = (_stack([part[b][i] for b, i in places]) for part in pieces)
-        outs.update(zip(places, _causal_sdpa(q, k, v, p, scaling, gqa).unbind(0)))
+        outs.update(zip(places, _unstack(_causal_sdpa(q, k, v, p, scaling, gqa))))
     # (T, H, D) rows in column order; a cat for the same reason (writes into slices of one buffer
     # would each clone the whole gradient in backward)
     out = [torch.cat([outs[b, i].transpose(0, 1) for i in range(len(spans))]) for b, spans in enumerate(rows)]
@@ -130,6 +130,12 @@ def _as_examples(t: torch.Tensor, length: int) -> torch.Tensor:
 def _stack(pieces: list[torch.Tensor]) -> torch.Tensor:
     """torch.stack, without a copy for one piece."""
     return pieces[0].unsqueeze(0) if len(pieces) == 1 else torch.stack(pieces)
+
+
+def _unstack(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``t.unbind(0)``, without a copy in backward for one piece (unbind's gradient is a stack): the
+    attention kernel's output gradient then keeps the kernel's own memory layout."""
+    return (t.squeeze(0),) if t.shape[0] == 1 else t.unbind(0)
 
 
 def _fp32_on_cpu(query: torch.Tensor) -> bool:
