@@ -20,6 +20,19 @@ def _packed(lengths, seed=0):
     return pieces, ids, pos
 
 
+def _lora_qkv_model():
+    """A tiny Llama in training mode with LoRA on q/k/v, B non-zero so the adapters matter."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.train()
+    model.config.use_cache = False  # as under the Trainer (a cache turns transformers' packed mask off)
+    return model
+
+
 def _graph_nodes(out: torch.Tensor) -> set[str]:
     """The kinds of autograd nodes behind ``out``."""
     seen, todo = set(), [out.grad_fn]
@@ -53,14 +66,7 @@ def test_packed_row_equals_each_example_alone_and_sdpas_masked_row():
 
 def test_lora_gradients_equal_sdpas_masked_row():
     def grads(packed: bool):
-        torch.manual_seed(0)
-        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_()
-        model.train()
-        model.config.use_cache = False  # as under the Trainer (a cache turns transformers' packed mask off)
+        model = _lora_qkv_model()
         _, ids, pos = _packed([6, 4, 9], seed=1)
         ids = torch.cat([ids, ids.flip(1)])  # two rows, the same segments
         with packed_attention(model) if packed else contextlib.nullcontext():
@@ -92,14 +98,7 @@ def test_rows_of_equal_examples_attend_in_one_call_on_views_of_the_rows(monkeypa
         return kernel(q, k, v, *args)
 
     def run(rows: int, packed: bool):
-        torch.manual_seed(0)
-        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_()
-        model.train()
-        model.config.use_cache = False
+        model = _lora_qkv_model()
         ids = torch.randint(3, 100, (rows, 16), generator=torch.Generator().manual_seed(rows))
         pos = torch.arange(4).repeat(rows, 4)
         with packed_attention(model) if packed else contextlib.nullcontext():
