@@ -86,8 +86,8 @@ def test_lora_gradients_equal_sdpas_masked_row():
 
 
 def test_rows_of_equal_examples_attend_in_one_call_on_views_of_the_rows(monkeypatch):
-    """Full blocks (every row cut into examples of one length): one kernel call on views of the
-    rows, not copies, with the logits and LoRA gradients of sdpa's masked rows."""
+    """Full blocks (every row cut into examples of one length, or holding one example): one kernel
+    call on views of the rows, not copies, with the logits and LoRA gradients of sdpa's (masked) rows."""
     from adaptune import attention
 
     calls = []
@@ -97,21 +97,22 @@ def test_rows_of_equal_examples_attend_in_one_call_on_views_of_the_rows(monkeypa
         calls.append(q)
         return kernel(q, k, v, *args)
 
-    def run(rows: int, packed: bool):
+    def run(rows: int, length: int, packed: bool):
         model = _lora_qkv_model()
         ids = torch.randint(3, 100, (rows, 16), generator=torch.Generator().manual_seed(rows))
-        pos = torch.arange(4).repeat(rows, 4)
+        pos = torch.arange(length).repeat(rows, 16 // length)
         with packed_attention(model) if packed else contextlib.nullcontext():
             out = model(input_ids=ids, position_ids=pos, labels=ids)
         out.loss.backward()
         return out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     monkeypatch.setattr(attention, "_causal_sdpa", spy)
-    for rows in (1, 2):
+    for rows, length in ((1, 4), (2, 4), (2, 16)):
         calls.clear()
-        (got_logits, got), (want_logits, want) = run(rows, True), run(rows, False)
+        (got_logits, got), (want_logits, want) = run(rows, length, True), run(rows, length, False)
         layers = tiny_llama().config.num_hidden_layers
-        assert len(calls) == layers and all(q.shape[0] == 4 * rows and q.shape[2] == 4 for q in calls)
+        examples = rows * 16 // length
+        assert len(calls) == layers and all(q.shape[0] == examples and q.shape[2] == length for q in calls)
         if rows == 1:  # the kernel reads the row's own memory
             assert all(q._base is not None and not q.is_contiguous() for q in calls)
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
