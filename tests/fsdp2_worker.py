@@ -15,7 +15,7 @@ import torch.distributed as dist
 from adaptune import LoraConfig, get_peft_model
 from adaptune.errors import AdapterFileError
 from adaptune.loss import supports_chunked_loss
-from tests.tiny import tiny_llama
+from tests.tiny import nonzero_lora_b, tiny_llama
 
 STEPS, ROWS, LENGTH = 3, 4, 16
 
@@ -28,10 +28,7 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                     target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)  # a non-zero B, so that A's gradient is not zero either
+    nonzero_lora_b(model, std=0.02)  # a non-zero B, so that A's gradient is not zero either
     ids = torch.randint(0, model.config.vocab_size, (ROWS, LENGTH), generator=torch.Generator().manual_seed(1))
     record = {"chunked_loss_before": supports_chunked_loss(model)}
     if world > 1:

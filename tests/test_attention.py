@@ -9,7 +9,7 @@ import torch
 
 from adaptune import LoraConfig, get_peft_model
 from adaptune.attention import PACKED_SDPA, packed_attention, segments
-from tests.tiny import tiny_gpt2, tiny_llama
+from tests.tiny import nonzero_lora_b, tiny_gpt2, tiny_llama
 
 
 def _packed(lengths, seed=0):
@@ -24,11 +24,7 @@ def _lora_qkv_model():
     """A tiny Llama in training mode with LoRA on q/k/v, B non-zero so the adapters matter."""
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-    model.train()
+    nonzero_lora_b(model).train()
     model.config.use_cache = False  # as under the Trainer (a cache turns transformers' packed mask off)
     return model
 

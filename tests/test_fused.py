@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from adaptune import LoraConfig, get_peft_model
 from adaptune.fused import dropout_linear, dropout_mask
 from adaptune.lora import LoraLayer
-from tests.tiny import tiny_llama
+from tests.tiny import nonzero_lora_b, tiny_llama
 
 P = 0.3
 
@@ -197,10 +197,7 @@ def _lora_llama_step(fuse, targets: list[str]):
     """One training step of a tiny Llama LoRA (B non-zero); ``fuse`` (or None) switches modules first."""
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
+    nonzero_lora_b(model)
     switched = fuse(model) if fuse else 0
     model.train()
     ids = torch.randint(0, 100, (2, 7))
@@ -300,10 +297,7 @@ def test_lora_output_added_in_one_addmm_matches_base_plus_b_of_a():
 
 def test_dropout_linear_backward_under_cpu_bf16_autocast_gives_gradients_in_the_inputs_dtypes():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=P, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
+    nonzero_lora_b(model)
     model.train()
     ids = torch.randint(0, 100, (2, 7))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -12,7 +12,7 @@ from adaptune.int8_embedding import (Int8Embedding, Int8Head, dequantize_embeddi
                                      quantize_rows)
 from adaptune.loss import causal_lm_loss
 from adaptune.quant import weight_bytes
-from tests.tiny import tiny_llama
+from tests.tiny import nonzero_lora_b, tiny_llama
 
 IDS = torch.tensor([[5, 9, 17, 33, 41, 7, 8, 60], [3, 11, 12, 50, 70, 90, 4, 6]])
 
@@ -77,10 +77,7 @@ def test_lora_trains_on_top_and_merges_to_a_plain_model():
     chunked.backward()
     opt.step()
     assert all(torch.equal(t, frozen[n]) for n, t in peft_model.named_buffers())
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
+    nonzero_lora_b(peft_model, std=0.1)
     adapted = _logits(peft_model)
     merged = peft_model.merge_and_unload()
     assert type(merged.get_input_embeddings()) is nn.Embedding

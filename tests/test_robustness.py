@@ -26,7 +26,7 @@ import adaptune
 from adaptune import LoraConfig, get_peft_model
 from adaptune.cli import main
 from adaptune.errors import AdapterFileError, AdaptuneError
-from tests.tiny import WORDS, tiny_llama, write_words_file
+from tests.tiny import WORDS, nonzero_lora_b, tiny_llama, write_words_file
 
 MARKER_ENV = "ADAPTUNE_TEST_MARKER"
 
@@ -38,10 +38,7 @@ def good_adapter(tmp_path_factory):
     torch.manual_seed(0)
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                          task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    nonzero_lora_b(peft_model, std=0.1)
     peft_model.save_pretrained(path)
     return path
 

@@ -22,6 +22,16 @@ def _eval(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+def nonzero_lora_b(model: torch.nn.Module, std: float = 1.0) -> torch.nn.Module:
+    """Draw every LoRA B from N(0, std): B starts at zero, and with it the adapters' effect and
+    A's gradient, which would let a test pass without exercising them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
+    return model
+
+
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
