@@ -25,6 +25,9 @@ import statistics
 import time
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from adaptune.attention import packed_sdpa_forward
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 
@@ -56,10 +59,6 @@ def attention_module() -> torch.nn.Module:
 
 
 def forward_backward(kind: str, module, qkv, position_ids, mask, grad):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from adaptune.attention import packed_sdpa_forward
-
     if kind == "adaptune":
         out, _ = packed_sdpa_forward(module, *qkv, None, position_ids=position_ids, scaling=DIM ** -0.5)
     else:
