@@ -127,6 +127,22 @@ def child(tokens: int, keep: bool, steps: int) -> dict:
             "peak_rss_mb": common.peak_rss_mb(), "tok_s": inputs["input_ids"].numel() / statistics.median(times)}
 
 
+def alone_seconds(op: str, shapes: list, seconds: float = 0.3) -> float | None:
+    """Median time of one ``mm`` of these operand shapes run alone, back to back (hot caches,
+    contiguous operands): how fast the product can go on this machine. None for other ops."""
+    if op != "aten::mm" or len(shapes) < 2 or len(shapes[0]) != 2 or len(shapes[1]) != 2:
+        return None
+    a, b = torch.randn(*shapes[0]), torch.randn(*shapes[1])
+    out = torch.empty(a.shape[0], b.shape[1])
+    torch.mm(a, b, out=out)
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 3:
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def op_profile(tokens: int) -> None:
     """Time shares of one training step by kind of op (torch.profiler), and the GEMM rates."""
     from torch.profiler import ProfilerActivity, profile
@@ -169,11 +185,27 @@ def op_profile(tokens: int) -> None:
     print("  the biggest products by shape (operands), their share of the step and rate:")
     products = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key in kinds[next(iter(kinds))]),
                       key=lambda e: -e.self_cpu_time_total)
+    alone = {id(e): alone_seconds(e.key, e.input_shapes) for e in products}
     for e in products[:8]:
         t = e.self_cpu_time_total
         shapes = " x ".join(str(s) for s in e.input_shapes[:2])
+        rate_alone = e.flops / e.count / alone[id(e)] / 1e9 if alone[id(e)] else float("nan")
         print(f"    {e.key.replace('aten::', ''):5} {shapes:28} x{e.count:<4} {100 * t / total:4.1f}%  "
-              f"{e.flops / t / 1e3:4.0f} GFLOP/s = {100 * e.flops / t / 1e3 / gemm:3.0f}% of GEMM")
+              f"{e.flops / t / 1e3:4.0f} GFLOP/s = {100 * e.flops / t / 1e3 / gemm:3.0f}% of GEMM "
+              f"(alone: {100 * rate_alone / gemm:3.0f}%)")
+    # What the useful rate would be if the other work took no time: the step's own products (as timed
+    # in it, and as fast as each shape runs alone and hot) plus its attention kernels, which do work
+    # the 4 N count leaves out.
+    step_us = step_s * 1e6
+    products_us = sum(e.self_cpu_time_total for e in products) * step_us / total
+    attention_us = sum(e.self_cpu_time_total for e in events if e.key in kinds["attention kernels"]) * step_us / total
+    products_alone_us = sum(e.count * alone[id(e)] * 1e6 if alone[id(e)] else e.self_cpu_time_total * step_us / total
+                            for e in products)
+    useful_flop = 4 * n_params * tokens
+    for label, us in (("the products as timed in the step", products_us),
+                      ("+ the attention kernels", products_us + attention_us),
+                      ("the products at their rate alone + attention", products_alone_us + attention_us)):
+        print(f"  ceiling, if all else took no time, {label:45}: {100 * useful_flop / us / 1e3 / gemm:3.0f}% of GEMM")
 
 
 def main() -> None:
