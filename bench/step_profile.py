@@ -17,8 +17,10 @@ A diagnostic behind bench/train.py's numbers, not a comparison. For each setting
 With ``--ops`` it prints instead where the time of one step goes (the Trainer's defaults: fused
 paths, packed attention): the share of matrix products and their GFLOP/s against this machine's
 fp32 GEMM speed measured in the same run, attention, dropout masks and the other ops, the
-biggest products by shape with their rates, and the useful rate as bench/train.py counts it
-(4 N FLOP a token).
+biggest products by shape with their rates in the step and alone (the same shapes timed again
+back to back, caches hot), the useful rate as bench/train.py counts it (4 N FLOP a token), and
+that rate's ceilings: what it would be if every op but the products (and the attention kernels,
+whose work the 4 N count leaves out) took no time.
 """
 
 from __future__ import annotations
