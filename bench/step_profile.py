@@ -129,7 +129,7 @@ def child(tokens: int, keep: bool, steps: int) -> dict:
             "peak_rss_mb": common.peak_rss_mb(), "tok_s": inputs["input_ids"].numel() / statistics.median(times)}
 
 
-def alone_seconds(op: str, shapes: list, seconds: float = 0.3) -> float | None:
+def alone_seconds(op: str, shapes: list, repeats: int = 15) -> float | None:
     """Median time of one ``mm`` of these operand shapes run alone, back to back (hot caches,
     contiguous operands): how fast the product can go on this machine. None for other ops."""
     if op != "aten::mm" or len(shapes) < 2 or len(shapes[0]) != 2 or len(shapes[1]) != 2:
@@ -137,12 +137,7 @@ def alone_seconds(op: str, shapes: list, seconds: float = 0.3) -> float | None:
     a, b = torch.randn(*shapes[0]), torch.randn(*shapes[1])
     out = torch.empty(a.shape[0], b.shape[1])
     torch.mm(a, b, out=out)
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 3:
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: torch.mm(a, b, out=out), repeats))
 
 
 def op_profile(tokens: int) -> None:
