@@ -421,3 +421,31 @@ def test_wrong_tensor_shape_names_module_and_shapes(tmp_path: Path) -> None:
     message = str(info.value)
     assert "model.layers.1.self_attn.v_proj" in message
     assert "(5, 32)" in message and "(4, 32)" in message
+
+
+# ---- 16-bit base models ----------------------------------------------------------------------------
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_bf16_base_gets_fp32_adapters_and_peft_logits(use_dora: bool, tmp_path: Path) -> None:
+    """peft keeps adapter weights in fp32 on an fp16/bf16 model (``autocast_adapter_dtype=True``), so
+    that small updates are not rounded away, and adds their output in fp32 before rounding once."""
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                  use_dora=use_dora)
+    ours = adaptune.get_peft_model(tiny_llama(seed=0).to(torch.bfloat16), adaptune.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(seed=0).to(torch.bfloat16), peft.LoraConfig(**config))
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    theirs.save_pretrained(tmp_path)
+    loaded = adaptune.PeftModel.from_pretrained(tiny_llama(seed=0).to(torch.bfloat16), str(tmp_path))
+    assert all(p.dtype == torch.float32 for n, p in loaded.named_parameters() if "lora_" in n)
+    ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = loaded(input_ids=ids).logits, theirs(input_ids=ids).logits
+        base = tiny_llama(seed=0).to(torch.bfloat16)(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16
+    assert (want.float() - base.float()).abs().max() > MARGIN
+    assert torch.equal(got, want)
+
+    kept = adaptune.get_peft_model(tiny_llama(seed=0).to(torch.bfloat16), adaptune.LoraConfig(**config),
+                                   autocast_adapter_dtype=False)
+    assert all(p.dtype == torch.bfloat16 for p in kept.parameters() if p.requires_grad)

@@ -98,13 +98,17 @@ class LoraLayer(nn.Module):
     def scaling(self, name: str) -> float:
         return self.specs[name].scaling
 
-    def add(self, name: str, spec: AdapterSpec) -> None:
-        """Create adapter ``name`` (inactive until ``set_active``)."""
+    def add(self, name: str, spec: AdapterSpec, upcast: bool = True) -> None:
+        """Create adapter ``name`` (inactive until ``set_active``). ``upcast``: fp32 adapter weights
+        on an fp16/bf16 base (peft's ``autocast_adapter_dtype``), so that small updates are not
+        rounded away; the adapter's output is cast back to the base's dtype."""
         if name in self.specs:
             raise ConfigError(f"adapter {name!r} already exists in this layer")
         if spec.use_dora and (self.is_embedding or spec.slices):
             raise ConfigError("DoRA is supported on Linear and Conv1D layers, not on embeddings or fused slices")
         device, dtype = self._param_device_dtype()
+        if upcast and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
         if self.is_embedding:
             self.lora_embedding_A[name] = nn.Parameter(torch.randn(spec.r, self.in_features, device=device, dtype=dtype))
             self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, spec.r, device=device, dtype=dtype))
@@ -344,7 +348,8 @@ class LoraLayer(nn.Module):
         lora_b = b_layers[name] if name in b_layers else None
         if spec.use_dora or spec.slices or lora_a is None or lora_b is None or lora_a.bias is not None \
                 or lora_b.bias is not None or lora_b.weight.dtype != result.dtype:
-            return result + self._lora_out(x, name, result).to(result.dtype)
+            # summed in the wider dtype, rounded once (an fp32 adapter on a 16-bit base, as peft)
+            return (result + self._lora_out(x, name, result)).to(result.dtype)
         a_weight, b_weight = lora_a.weight, lora_b.weight
         if _drops(self.lora_dropout[name]):
             hidden, alpha = self._lora_hidden(x, name), 1.0

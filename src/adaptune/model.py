@@ -68,7 +68,8 @@ class PeftModel(nn.Module):
     # flag it reads for that (peft's own class is recognised by type, ours by this attribute).
     _hf_peft_config_loaded = True
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         _check_task_fits(model, peft_config.task_type)
         if peft_config.base_model_name_or_path is None:
@@ -82,7 +83,7 @@ class PeftModel(nn.Module):
         else:
             if not isinstance(peft_config, LoraConfig):
                 raise ConfigError(f"unsupported config type {type(peft_config).__name__}")
-            self.base_model = LoraModel(model, peft_config, adapter_name)
+            self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype)
         if getattr(model, "is_activation_checkpointing", False):
             self._make_inputs_require_grad()
 
@@ -189,7 +190,7 @@ class PeftModel(nn.Module):
         self._make_inputs_require_grad()
 
     # ---- adapters --------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
         """Add an adapter; it is not activated (call ``set_adapter``)."""
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _name_of(self.get_base_model())
@@ -199,7 +200,7 @@ class PeftModel(nn.Module):
         if peft_config.peft_type != self.peft_type:
             raise ConfigError(f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model")
         active = self.active_adapter
-        self.base_model.inject_adapter(peft_config, adapter_name)
+        self.base_model.inject_adapter(peft_config, adapter_name, autocast_adapter_dtype)
         self.base_model.set_adapter(active)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -298,27 +299,29 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
-                        allow_pickle: bool = False, subfolder: str | None = None, **_: Any) -> "PeftModel":
+                        allow_pickle: bool = False, subfolder: str | None = None,
+                        autocast_adapter_dtype: bool = True, **_: Any) -> "PeftModel":
         """Load a saved adapter onto ``model``: eval mode and frozen unless ``is_trainable``."""
         folder = resolve_adapter_folder(model_id, subfolder)
         config = config or PeftConfig.from_pretrained(folder)
         config = _prepare_loaded_config(config, is_trainable)
         _warn_if_other_base(model, config, folder)
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-        peft_model = target_cls(model, config, adapter_name)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype)
         peft_model._load_weights(folder, adapter_name, allow_pickle, is_trainable)
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, subfolder: str | None = None, **_: Any) -> None:
+                     allow_pickle: bool = False, subfolder: str | None = None,
+                     autocast_adapter_dtype: bool = True, **_: Any) -> None:
         """Add a saved adapter under ``adapter_name`` (not activated), or reload an existing one."""
         folder = resolve_adapter_folder(model_id, subfolder)
         config = _prepare_loaded_config(PeftConfig.from_pretrained(folder), is_trainable)
         _warn_if_other_base(self.get_base_model(), config, folder)
         if adapter_name not in self.peft_config:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype)
         self._load_weights(folder, adapter_name, allow_pickle, is_trainable)
 
     def _load_weights(self, folder: Path, adapter_name: str, allow_pickle: bool, is_trainable: bool = False) -> None:
@@ -439,7 +442,9 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
-    """Wrap ``model`` with a new adapter; only the adapter (and heads to save) will train."""
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True, **_: Any) -> PeftModel:
+    """Wrap ``model`` with a new adapter; only the adapter (and heads to save) will train.
+    ``autocast_adapter_dtype`` (peft's): fp32 adapter weights on an fp16/bf16 model."""
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype)

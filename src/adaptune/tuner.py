@@ -41,12 +41,13 @@ class LoraModel(nn.Module):
     # passes unknown attributes through to this object, so trainer.validate sees it there.
     _hf_peft_config_loaded = True
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str = adapter_name
-        self.inject_adapter(config, adapter_name)
+        self.inject_adapter(config, adapter_name, autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
@@ -79,8 +80,9 @@ class LoraModel(nn.Module):
         names += [h for h in heads if h in present and h not in names]
         return names
 
-    def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
-        """Wrap every target of ``config`` (raising before any change if something is wrong)."""
+    def inject_adapter(self, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Wrap every target of ``config`` (raising before any change if something is wrong).
+        ``autocast_adapter_dtype``: adapter weights in fp32 on an fp16/bf16 base, as in peft."""
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists")
         if adapter_name == "__base__":
@@ -104,7 +106,7 @@ class LoraModel(nn.Module):
                 parent, child = _get_parent(self.model, target.name)
                 module = LoraLayer(module)
                 setattr(parent, child, module)
-            module.add(adapter_name, spec)
+            module.add(adapter_name, spec, upcast=autocast_adapter_dtype)
         self._wrap_modules_to_save(save_names, adapter_name)
         self.peft_config[adapter_name] = config
         self._set_trainable()
