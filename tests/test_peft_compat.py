@@ -155,6 +155,8 @@ CASES = {
         rank_pattern={"v_proj": 2, "model.layers.1.self_attn.q_proj": 6},
         alpha_pattern={"up_proj": 3.0, "model.layers.0.self_attn.v_proj": 12.0})),
     "t5-seq2seq": ("t5", dict(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, use_rslora=True)),
+    # T5's MLP reads ``self.wo.weight.dtype``: the wrapped wo must pass its base weight through
+    "t5-all-linear": ("t5", dict(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules="all-linear")),
 }
 
 
@@ -189,7 +191,13 @@ def test_file_format_both_ways(case: str, tmp_path: Path) -> None:
     for name in SAME_VALUE_FIELDS:
         assert our_cfg[name] == peft_cfg[name], (name, our_cfg[name], peft_cfg[name])
     assert isinstance(our_cfg["target_modules"], list)
-    assert set(our_cfg["target_modules"]) == set(peft_cfg["target_modules"])
+    if config.get("target_modules") == "all-linear":  # the layers chosen, as names both libraries match
+        chosen = {n for n, m in FACTORIES[kind](seed=0).named_modules() if isinstance(m, torch.nn.Linear)}
+        def matched(names: list[str]) -> set[str]:
+            return {n for n in chosen if any(n == t or n.endswith("." + t) for t in names)}
+        assert matched(our_cfg["target_modules"]) == matched(peft_cfg["target_modules"])
+    else:
+        assert set(our_cfg["target_modules"]) == set(peft_cfg["target_modules"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_view = peft.LoraConfig.from_pretrained(str(ours))

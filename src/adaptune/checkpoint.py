@@ -154,6 +154,9 @@ def config_for_disk(tuner, adapter_name: str) -> LoraConfig:
         if spec.slices:
             leaf = name.rsplit(".", 1)[-1]
             fused[leaf] = list(_slice_names_of(tuner, leaf, spec.slices, layer.out_features))
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        # on disk as the layers it chose, as peft writes it: readers such as vLLM expect a list
+        config = replace(config, target_modules=sorted(adapted))
     if not fused:
         return config
     sliced = [n for n, k in adapted.items() if k > 1]

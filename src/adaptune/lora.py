@@ -91,6 +91,16 @@ class LoraLayer(nn.Module):
         return self.kind == "embedding"
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight. Model code reads it through the wrapper (T5's MLP checks
+        ``self.wo.weight.dtype``), and peft's layers pass it through too."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
     def fan_in_fan_out(self) -> bool:
         """GPT-2's Conv1D stores W as (in, out)."""
         return self.kind == "conv1d"
