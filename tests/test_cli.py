@@ -103,6 +103,12 @@ def test_inspect_gpt2_mentions_fused_slices(tmp_path, capsys):
     (["train", "--data", "/nonexistent/file.txt", "--model", "MODEL"], "file.txt"),
     (["generate", "--adapter", "/nonexistent/adapter"], "/nonexistent/adapter"),
     (["inspect", "MODEL", "--targets", "q_prj"], "did you mean"),
+    (["inspect", "MODEL", "--targets", "q_proj("], "not a valid regular expression"),
+    (["train", "--logging-steps", "0"], "--logging-steps must be a positive integer"),
+    (["train", "--max-steps", "-5"], "--max-steps must be an integer >= 0"),
+    (["train", "--max-steps", "0", "--epochs", "0"], "--epochs must be a positive number"),
+    (["train", "--max-examples", "0"], "--max-examples must be a positive integer"),
+    (["train", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(argv, text, model_dir, capsys):
     argv = [str(model_dir) if a == "MODEL" else a for a in argv]
@@ -128,3 +134,56 @@ def test_train_refuses_a_sharded_launch_on_accelerators(env, model_dir, text_fil
     if "ACCELERATE_USE_FSDP" in env:
         monkeypatch.setattr("adaptune.trainer._accelerator_type", lambda: None)  # a CPU: accelerate runs DDP
         assert main([*argv, "--max-steps", "1", "--eval-every", "0"]) == 0
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["generate", "--max-new-tokens", "-1"], "--max-new-tokens: expected a positive integer"),
+    (["generate", "--temperature", "0"], "--temperature: expected a positive number"),
+    (["generate", "--top-p", "nan"], "--top-p: expected a number in (0, 1]"),
+    (["eval", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["eval", "--max-examples", "-1"], "--max-examples: expected an integer >= 0"),
+])
+def test_out_of_range_numbers_stop_at_the_command_line(argv, text, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert text in capsys.readouterr().err
+
+
+def test_negative_switches_and_single_target_names_reach_the_job(tmp_path):
+    from adaptune.cli import build_parser, job_from_args
+
+    def job(*argv):
+        return job_from_args(build_parser().parse_args(["train", *argv]))
+
+    assert job().packing is True and job("--no-packing").packing is False
+    config = tmp_path / "job.yaml"
+    config.write_text("packing: true\ngradient_checkpointing: true\n")
+    from_yaml = job("--config", str(config), "--no-packing", "--no-gradient-checkpointing")
+    assert from_yaml.packing is False and from_yaml.gradient_checkpointing is False, "flags win over the YAML"
+    assert job("--targets", "q_proj").targets == ["q_proj"]
+    assert job("--targets", "q_proj, v_proj").targets == ["q_proj", "v_proj"]
+    assert job("--targets", "all-linear").targets == "all-linear"
+    assert job("--targets", r".*\.(q|v)_proj").targets == r".*\.(q|v)_proj"
+
+
+def test_merge_never_replaces_a_folder_unless_asked(trained, model_dir, tmp_path, capsys):
+    merge = ["merge", "--model", str(model_dir), "--adapter", str(trained)]
+    assert main(merge + ["--output", str(trained)]) == 2
+    assert "is the adapter folder itself" in capsys.readouterr().err
+    assert (trained / "adapter_model.safetensors").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert main(merge + ["--output", str(kept)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (kept / "notes.txt").read_text() == "mine"
+    assert main(merge + ["--output", str(kept), "--overwrite"]) == 0
+    assert (kept / "config.json").exists() and not (kept / "notes.txt").exists()
+
+
+def test_debug_works_after_the_command_too():
+    from adaptune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--r must be a positive integer"):
+        main(["train", "--debug", "--r", "0"])

@@ -15,11 +15,29 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from .errors import AdaptuneError
 
 EXIT_USER_ERROR = 2
+
+
+def _number(kind: type, low: float, inclusive: bool, what: str):
+    """An argparse type: ``kind`` (int/float) at or above ``low`` (or above, if not ``inclusive``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, True, "a positive integer")
+COUNT = _number(int, 0, True, "an integer >= 0")
+POSITIVE = _number(float, 0, False, "a positive number")
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -41,12 +59,12 @@ def _add_pickle_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
+    p.add_argument("--temperature", type=POSITIVE, default=0.7, help="sampling temperature (> 0; --greedy for none)")
+    p.add_argument("--top-p", type=_number(float, 0, False, "a number in (0, 1]"), default=0.9)
+    p.add_argument("--top-k", type=POSITIVE_INT, default=None)
+    p.add_argument("--repetition-penalty", type=POSITIVE, default=None)
+    p.add_argument("--no-repeat-ngram-size", type=POSITIVE_INT, default=None)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--seed", type=int, default=None)
 
@@ -133,7 +151,8 @@ def job_from_args(args: argparse.Namespace):
     from .recipe import TrainJob
 
     fields = {f.name for f in dataclasses.fields(TrainJob)}
-    given = {k: v for k, v in vars(args).items() if k in fields and v is not None and v is not False}
+    # None = not given; False from a --no-X switch is a choice (it must win over a YAML value too)
+    given = {k: v for k, v in vars(args).items() if k in fields and k != "resume" and v is not None}
     if args.resume:
         given["resume"] = True
     return TrainJob.from_yaml(args.config, **given) if args.config else TrainJob(**given)
@@ -193,9 +212,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--adapter", help="adapter folder")
     _add_pickle_flag(p)
     p.add_argument("--data", help="text or jsonl file (default: the embedded Shakespeare)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-examples", type=int, default=64, help="evaluate the first N blocks/examples (0 = all)")
+    p.add_argument("--max-length", type=POSITIVE_INT, default=128)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    p.add_argument("--max-examples", type=COUNT, default=64, help="evaluate the first N blocks/examples (0 = all)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -220,13 +239,21 @@ def _merge_parser(sub) -> None:
     p.add_argument("--adapter", required=True, help="adapter folder")
     _add_pickle_flag(p)
     p.add_argument("--output", required=True, help="folder to write (loads with AutoModelForCausalLM, no adaptune)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
     p.set_defaults(func=cmd_merge)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .atomic import atomic_directory, check_writable
+    from .errors import ConfigError
 
-    check_writable(Path(args.output).parent if Path(args.output).parent != Path("") else Path("."))
+    output = Path(args.output)
+    if output.resolve() == Path(args.adapter).resolve():
+        raise ConfigError(f"--output {args.output} is the adapter folder itself; write the merged model elsewhere")
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not args.overwrite:
+        raise ConfigError(f"--output {args.output} exists and is not an empty folder; pass --overwrite to "
+                          "replace it, or choose another folder")
+    check_writable(output.parent if output.parent != Path("") else Path("."))
     model, tokenizer = _load_for_inference(args.model, args.adapter, args.allow_pickle, args.trust_remote_code)
     merged = model.merge_and_unload(safe_merge=True)
     with atomic_directory(args.output) as tmp:
@@ -261,7 +288,7 @@ def meta_model(name: str | None, trust_remote_code: bool = False):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .targets import DEFAULT_TARGETS, FUSED_SLICES, describe_adaptable, model_type, resolve_targets
+    from .targets import DEFAULT_TARGETS, FUSED_SLICES, describe_adaptable, model_type, parse_targets, resolve_targets
 
     model = meta_model(args.model, trust_remote_code=args.trust_remote_code)
     mtype = model_type(model)
@@ -273,7 +300,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"\ndefault targets: {DEFAULT_TARGETS.get(mtype, 'none (pass --targets)')}")
     for fused, names in FUSED_SLICES.get(mtype or "", {}).items():
         print(f"fused slices of {fused}: {', '.join(names)} (e.g. --targets {names[0]},{names[-1]})")
-    targets = _parse_targets(args.targets)
+    targets = parse_targets(args.targets)
     chosen = resolve_targets(model, targets if targets is not None else None)
     total = sum(p.numel() for p in model.parameters())
     trainable = 0
@@ -301,14 +328,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_targets(value: str | None) -> Any:
-    if value is None:
-        return None
-    if value == "all-linear" or any(c in value for c in "*()[]|\\^$?+"):
-        return value
-    return [t.strip() for t in value.split(",") if t.strip()]
-
-
 # ---- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -330,9 +349,9 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug = "--debug" in argv  # accepted before or after the command
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     with _quiet_libraries(enabled=not debug):
         try:
             return args.func(args)

@@ -82,15 +82,26 @@ class TrainJob:
         if self.method == "prefix-tuning" and self.gradient_checkpointing:
             raise ConfigError("--method prefix-tuning does not work with --gradient-checkpointing (the "
                               "checkpointed layers drop the KV cache that carries the prefix); turn one off")
-        for name in ("r", "batch_size", "grad_accum", "max_length", "virtual_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        for name, low in (("r", 1), ("batch_size", 1), ("grad_accum", 1), ("max_length", 1), ("virtual_tokens", 1),
+                          ("logging_steps", 1), ("save_every", 1), ("loftq_iter", 1), ("max_steps", 0),
+                          ("eval_every", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                kind = "a positive integer" if low else "an integer >= 0"
+                raise ConfigError(f"--{name.replace('_', '-')} must be {kind}, got {value!r}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"--max-examples must be a positive integer (or left out for all), got {self.max_examples}")
+        if self.max_steps == 0 and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"--epochs must be a positive number when --max-steps is 0, got {self.epochs}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if isinstance(self.targets, str) and self.targets not in ("all-linear",) and "," in self.targets:
-            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        from .targets import parse_targets  # here: the CLI builds its parser from this class
+
+        self.targets = parse_targets(self.targets)
 
     @property
     def quantize_kind(self) -> str | None:

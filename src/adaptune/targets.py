@@ -147,8 +147,25 @@ def matches(name: str, selector: str | Sequence[str] | None) -> bool:
     if selector is None:
         return False
     if isinstance(selector, str):
-        return re.fullmatch(selector, name) is not None
+        try:
+            return re.fullmatch(selector, name) is not None
+        except re.error as exc:
+            raise TargetError(f"{selector!r} is not a valid regular expression ({exc}); give layer names "
+                              "separated by commas, or a regex") from None
     return any(name == key or name.endswith("." + key) for key in selector)
+
+
+REGEX_CHARACTERS = set("*()[]|\\^$?+{}")
+
+
+def parse_targets(value: str | Sequence[str] | None) -> str | list[str] | None:
+    """Targets as a user types them (CLI, YAML): ``"q_proj,v_proj"`` and ``"q_proj"`` are names,
+    ``"all-linear"`` stays, text with regex characters is a regex. A list passes through."""
+    if value is None or not isinstance(value, str):
+        return None if value is None else list(value)
+    if value == "all-linear" or REGEX_CHARACTERS & set(value):
+        return value
+    return [t.strip() for t in value.split(",") if t.strip()]
 
 
 def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
