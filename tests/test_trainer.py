@@ -351,3 +351,47 @@ def test_adaptune_peft_model_checkpoints_and_resumes(tmp_path):
     for k in trained:
         torch.testing.assert_close(loaded[0][k], trained[k], rtol=0, atol=0)
     assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_plain_transformers_trainer_saves_and_resumes_an_adaptune_adapter(tmp_path):
+    """A peft script that only changed its import line: transformers' own Trainer, save_model and
+    resume must give adapter folders (peft's format), not a full model.safetensors."""
+    import transformers
+
+    from adaptune import LoraConfig, PeftModel, get_peft_model
+
+    def make(seed: int):
+        torch.manual_seed(seed)
+        return get_peft_model(tiny_gpt2(seed=0), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                            fan_in_fan_out=True, task_type="CAUSAL_LM"))
+
+    ids, mask = token_rows(24)
+    ds = [{"input_ids": i, "attention_mask": m, "labels": i.masked_fill(m == 0, -100)} for i, m in zip(ids, mask)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                                          save_steps=2, learning_rate=1e-2, report_to="none", use_cpu=True)
+    model = make(0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds)
+    assert type(trainer) is transformers.Trainer
+    trainer.train()
+    for folder in (tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4"):
+        assert (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
+        assert not (folder / "model.safetensors").exists()
+    trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+    trained = lora_weights(model)
+    assert any(w.abs().sum() > 0 for k, w in trained.items() if "lora_B" in k)
+
+    loaded = PeftModel.from_pretrained(tiny_gpt2(seed=0), str(tmp_path / "final"))
+    for k, w in lora_weights(loaded).items():
+        torch.testing.assert_close(w, trained[k], rtol=0, atol=0)
+
+    # resume: the adapter of checkpoint-2 comes back into a model with another LoRA init
+    at_two = lora_weights(PeftModel.from_pretrained(tiny_gpt2(seed=0), str(tmp_path / "run" / "checkpoint-2")))
+    resumed = make(1)
+    seen = []
+    trainer = transformers.Trainer(model=resumed, args=args, train_dataset=ds)
+    trainer.add_callback(type("Peek", (TrainerCallback,), {
+        "on_train_begin": lambda self, a, s, c, model=None, **k: seen.append(lora_weights(model))}))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    for k, w in at_two.items():
+        torch.testing.assert_close(seen[0][k], w, rtol=0, atol=0)

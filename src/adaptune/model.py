@@ -20,6 +20,7 @@ from . import checkpoint
 from .config import LoraConfig, PeftConfig, TaskType
 from .errors import AdapterFileError, ConfigError
 from .lora import LoraLayer, row_adapters
+from .trainer_checkpoints import teach_transformers_trainer
 from .tuner import LoraModel
 
 
@@ -86,6 +87,11 @@ class PeftModel(nn.Module):
             self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype)
         if getattr(model, "is_activation_checkpointing", False):
             self._make_inputs_require_grad()
+        teach_transformers_trainer()
+
+    def train(self, mode: bool = True) -> "PeftModel":
+        teach_transformers_trainer()  # a transformers.Trainer imported after the model was built
+        return super().train(mode)
 
     # ---- attribute pass-through ------------------------------------------------------------
     def __getattr__(self, name: str):

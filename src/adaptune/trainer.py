@@ -52,11 +52,13 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 from transformers.utils import logging as hf_logging
 from transformers.utils.generic import can_return_loss, find_labels
-from transformers.utils.peft_utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
-from adaptune.atomic import atomic_write_text, check_writable
+from adaptune.atomic import check_writable
 from adaptune.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, StepStats, TrainingDiverged
 from adaptune.errors import ConfigError, DataError
+from adaptune.trainer_checkpoints import active_adapter as _active_adapter
+from adaptune.trainer_checkpoints import adapter_base as _adapter_base
+from adaptune.trainer_checkpoints import load_adapter_checkpoint, save_adapter_checkpoint
 
 logger = hf_logging.get_logger(__name__)
 
@@ -268,32 +270,6 @@ class LabelsAndTuplesCollator:
 
 
 # ---- models ------------------------------------------------------------------------------------
-
-
-def _adapter_base(model: Any) -> torch.nn.Module | None:
-    """The transformers model inside an adapter wrapper (adaptune's or peft's PeftModel), else None.
-
-    Duck-typed (``peft_config`` + ``save_pretrained`` + ``get_base_model``) so that peft is never
-    imported; a transformers model with adapters loaded through transformers' own integration is
-    not a wrapper and is left to transformers.
-    """
-    if isinstance(model, transformers.PreTrainedModel):
-        return None
-    if hasattr(model, "peft_config") and callable(getattr(model, "save_pretrained", None)) \
-            and callable(getattr(model, "get_base_model", None)):
-        return model.get_base_model()
-    return None
-
-
-def _active_adapter(model: Any) -> str:
-    name = getattr(model, "active_adapter", "default")
-    return name[0] if isinstance(name, (list, tuple)) else name
-
-
-def _adapter_folder(checkpoint: str | os.PathLike, adapter_name: str) -> Path | None:
-    """Where ``save_pretrained`` put ``adapter_name`` in a checkpoint (peft's layout), if it is there."""
-    folder = Path(checkpoint) if adapter_name == "default" else Path(checkpoint) / adapter_name
-    return folder if any((folder / f).is_file() for f in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)) else None
 
 
 def _is_causal_lm(model: Any) -> bool:
@@ -557,52 +533,16 @@ class Trainer(transformers.Trainer):
 
     # ---- saving and loading adapters ---------------------------------------------------------
 
-    def _adapter_model(self, model: Any = None) -> Any | None:
-        """The adaptune adapter model inside ``model`` (default: the Trainer's), or None."""
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        return model if _adapter_base(model) is not None else None
-
-    def _unwrapped_adapter_model(self, model: Any = None) -> Any | None:
-        """The adapter model to load a checkpoint into, or None for transformers' own path."""
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # sharded weights: transformers' loaders
-            return None
-        return self._adapter_model(model)
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The adapter in peft's format. Under FSDP (full state dict) and DeepSpeed ZeRO-3,
-        transformers passes the weights gathered from all processes as ``state_dict``; the
-        adapter's tensors are taken from it, where transformers would write the whole dict as a
-        ``model.safetensors`` (it only knows peft's own PeftModel)."""
-        model = self._adapter_model()
-        if model is None or (not state_dict and (self.is_fsdp_enabled or self.is_deepspeed_enabled)):
-            return super()._save(output_dir, state_dict)  # nothing gathered: the modules hold shards
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        logger.info(f"Saving adapter checkpoint to {output_dir}")
-        os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, state_dict=state_dict or None)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        # JSON, not transformers' pickled training_args.bin: adaptune never unpickles.
-        atomic_write_text(Path(output_dir) / "training_args.json", self.args.to_json_string())
-
-    def _load_adapter_from(self, checkpoint: str, model: Any = None) -> bool:
-        model = self._unwrapped_adapter_model(model)
-        if model is None:
-            return False
-        name = _active_adapter(model)
-        folder = _adapter_folder(checkpoint, name)
-        if folder is None:
-            return False
-        logger.info(f"Loading adapter {name!r} from {folder}")
-        model.load_adapter(str(folder), adapter_name=name, is_trainable=True)
-        return True
+        """An adapter model (adaptune's or peft's) as peft's adapter folder (see
+        :mod:`adaptune.trainer_checkpoints`); anything else as transformers saves it."""
+        if not save_adapter_checkpoint(self, output_dir, state_dict):
+            super()._save(output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        if not self._load_adapter_from(resume_from_checkpoint, model):
+        if not load_adapter_checkpoint(self, resume_from_checkpoint, model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        if not self._load_adapter_from(self.state.best_model_checkpoint):
+        if not load_adapter_checkpoint(self, self.state.best_model_checkpoint):
             super()._load_best_model()
