@@ -365,6 +365,17 @@ def test_merge_and_unload_matches_peft(case: str, tmp_path: Path) -> None:
     assert set(ours.state_dict()) == set(theirs.state_dict())
 
 
+def test_unload_keeps_the_trained_head_as_peft_does(tmp_path: Path) -> None:
+    """unload() drops the LoRA layers unmerged but keeps a modules_to_save copy (the trained head)."""
+    build(adaptune, "bert", task_type="SEQ_CLS", r=4, lora_alpha=8).save_pretrained(tmp_path)
+    ours = load(adaptune, "bert", tmp_path).unload()
+    theirs = load(peft, "bert", tmp_path).unload()
+    assert not any(isinstance(m, LoraLayer) for m in ours.modules())
+    torch.testing.assert_close(ours.classifier.weight, theirs.classifier.weight, rtol=0, atol=0)
+    assert not torch.equal(ours.classifier.weight, FACTORIES["bert"](seed=0).classifier.weight)
+    assert_same(logits(ours, "bert"), logits(theirs, "bert"))
+
+
 # ---- loading behaviour ---------------------------------------------------------------------------
 @pytest.mark.parametrize("is_trainable", [False, True], ids=["frozen", "trainable"])
 def test_from_pretrained_mode_and_trainable_params(is_trainable: bool, tmp_path: Path) -> None:

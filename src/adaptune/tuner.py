@@ -254,9 +254,9 @@ class LoraModel(nn.Module):
                 layer.unmerge()
             parent, child = _get_parent(self.model, name)
             setattr(parent, child, base)
-        for name, wrapper in list(self.save_wrappers()):
+        for name, wrapper in list(self.save_wrappers()):  # the trained copy stays, merged or not (peft)
             parent, child = _get_parent(self.model, name)
-            setattr(parent, child, wrapper.current() if merge else wrapper.original_module)
+            setattr(parent, child, wrapper.current())
         return self.model
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
