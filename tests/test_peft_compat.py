@@ -468,3 +468,48 @@ def test_bf16_base_gets_fp32_adapters_and_peft_logits(use_dora: bool, tmp_path: 
     kept = adaptune.get_peft_model(tiny_llama(seed=0).to(torch.bfloat16), adaptune.LoraConfig(**config),
                                    autocast_adapter_dtype=False)
     assert all(p.dtype == torch.bfloat16 for p in kept.parameters() if p.requires_grad)
+
+
+# ---- peft's helper functions and Auto classes --------------------------------------------------------
+def test_peft_model_state_dict_functions_match_peft(tmp_path: Path) -> None:
+    config = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    ours = build(adaptune, "llama", **config)
+    theirs = peft.get_peft_model(FACTORIES["llama"](seed=0), peft.LoraConfig(**config)).eval()
+    peft.set_peft_model_state_dict(theirs, adaptune.get_peft_model_state_dict(ours))
+    assert_same(logits(theirs, "llama"), logits(ours, "llama"))
+    assert_adapted(logits(ours, "llama"), "llama")
+    got = adaptune.get_peft_model_state_dict(ours)
+    want = peft.get_peft_model_state_dict(theirs)
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+    fresh = adaptune.get_peft_model(FACTORIES["llama"](seed=0), adaptune.LoraConfig(**config)).eval()
+    adaptune.set_peft_model_state_dict(fresh, want)
+    assert_same(logits(fresh, "llama"), logits(ours, "llama"))
+    with pytest.raises(AdapterFileError):
+        adaptune.set_peft_model_state_dict(fresh, {k: v for k, v in want.items() if "v_proj" not in k})
+
+
+def test_auto_peft_model_loads_the_base_the_adapter_names(tmp_path: Path) -> None:
+    base_dir = tmp_path / "base"
+    FACTORIES["llama"](seed=0).save_pretrained(base_dir)
+    model = adaptune.get_peft_model(transformers_auto(base_dir),
+                                    adaptune.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+    perturb(model)
+    model.eval().save_pretrained(tmp_path / "adapter")
+    assert read_config(tmp_path / "adapter")["base_model_name_or_path"] == str(base_dir)
+
+    loaded = adaptune.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    assert isinstance(loaded, adaptune.PeftModel) and not loaded.training
+    assert_same(logits(loaded, "llama"), logits(model, "llama"))
+    assert_adapted(logits(loaded, "llama"), "llama")
+    assert isinstance(adaptune.AutoPeftModel.from_pretrained(str(tmp_path / "adapter")), adaptune.PeftModelForCausalLM)
+    with pytest.raises(adaptune.AdaptuneError, match="CAUSAL_LM adapter"):
+        adaptune.AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "adapter"))
+
+
+def transformers_auto(folder: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)

@@ -8,6 +8,15 @@ A peft user changes only the import line::
 from __future__ import annotations
 
 from .allocator import cap_onednn_caches
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import (
     LoftQConfig,
     LoraConfig,
@@ -29,6 +38,8 @@ from .model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
     get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
 )
 
 __version__ = "0.1.0"
@@ -39,6 +50,13 @@ cap_onednn_caches()
 
 __all__ = [
     "AdaptuneError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "LoftQConfig",
     "LoraConfig",
     "PeftConfig",
@@ -56,6 +74,8 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
 ]
 
 

@@ -332,10 +332,15 @@ class PeftModel(nn.Module):
 
     def _load_weights(self, folder: Path, adapter_name: str, allow_pickle: bool, is_trainable: bool = False) -> None:
         tensors = checkpoint.read_adapter_tensors(folder, allow_pickle=allow_pickle)
+        self._load_tensors(adapter_name, tensors, str(folder), is_trainable)
+
+    def _load_tensors(self, adapter_name: str, tensors: Mapping[str, torch.Tensor], source: str,
+                      is_trainable: bool = False) -> None:
+        """An adapter's tensors as the file holds them (peft's keys) into adapter ``adapter_name``."""
         if self._is_prompt_learning:
-            self._prompt.load_state_dict_from_disk(adapter_name, tensors, str(folder), trainable=is_trainable)
+            self._prompt.load_state_dict_from_disk(adapter_name, dict(tensors), source, trainable=is_trainable)
         else:
-            checkpoint.load_lora_state_dict(self.base_model, adapter_name, tensors, str(folder))
+            checkpoint.load_lora_state_dict(self.base_model, adapter_name, dict(tensors), source)
 
 
 def _prepare_loaded_config(config: PeftConfig, is_trainable: bool) -> PeftConfig:
@@ -446,6 +451,22 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
+
+
+def get_peft_model_state_dict(model: PeftModel, state_dict: Mapping[str, torch.Tensor] | None = None,
+                              adapter_name: str = "default", **_: Any) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s tensors under the keys its file holds (peft's function of this name)."""
+    return model._disk_state(adapter_name, state_dict)[0]
+
+
+def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: Mapping[str, torch.Tensor],
+                              adapter_name: str = "default", **_: Any) -> None:
+    """Load tensors keyed as :func:`get_peft_model_state_dict` returns them into adapter ``adapter_name``
+    (which must exist); a missing or misshapen tensor raises ``AdapterFileError``."""
+    if adapter_name not in model.peft_config:
+        raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {list(model.peft_config)}")
+    trainable = any(p.requires_grad for p in model.parameters())
+    model._load_tensors(adapter_name, peft_model_state_dict, "the given state dict", is_trainable=trainable)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
