@@ -128,7 +128,9 @@ class LoraModel(nn.Module):
         r = config.rank_pattern[r_key] if r_key else config.r
         alpha = config.alpha_pattern[a_key] if a_key else config.lora_alpha
         if config.init_lora_weights not in (True, False, "gaussian", "loftq"):
-            raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} is not supported by adaptune yet")
+            raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} cannot start a new adapter in "
+                              "adaptune yet (adapter files that name it still load); use True, False, "
+                              "'gaussian' or 'loftq'")
         loftq = config.loftq
         bits = 4
         if loftq is not None:
