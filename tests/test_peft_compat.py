@@ -399,6 +399,22 @@ def test_from_pretrained_mode_and_trainable_params(is_trainable: bool, tmp_path:
         assert ours[0] == 0
 
 
+def test_set_adapter_makes_the_adapter_trainable_unless_inference_mode(tmp_path: Path) -> None:
+    build(adaptune, "llama", task_type="CAUSAL_LM", r=4, lora_alpha=8).save_pretrained(tmp_path)
+    counts = {}
+    for lib in (adaptune, peft):
+        model = load(lib, "llama", tmp_path)
+        model.load_adapter(str(tmp_path), adapter_name="other")
+        seen = [model.get_nb_trainable_parameters()[0]]
+        model.set_adapter("other")
+        seen.append(model.get_nb_trainable_parameters()[0])
+        model.set_adapter("other", inference_mode=True)
+        seen.append(model.get_nb_trainable_parameters()[0])
+        counts[lib.__name__] = seen
+    assert counts["adaptune"] == counts["peft"]
+    assert counts["adaptune"][0] == 0 and counts["adaptune"][1] > 0 and counts["adaptune"][2] == 0
+
+
 def test_unknown_config_field_is_ignored_with_a_warning(tmp_path: Path) -> None:
     model = build(adaptune, "llama", task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj"])
     expected = logits(model, "llama")

@@ -209,11 +209,15 @@ class PeftModel(nn.Module):
         self.base_model.inject_adapter(peft_config, adapter_name, autocast_adapter_dtype)
         self.base_model.set_adapter(active)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Activate an adapter. As in peft, a LoRA adapter activated this way trains (its weights
+        require grad) unless ``inference_mode=True``; the others are frozen."""
         if self._is_prompt_learning:
             self._prompt.set_adapter(adapter_name)
-        else:
-            self.base_model.set_adapter(adapter_name)
+            return
+        if adapter_name in self.peft_config:
+            self.peft_config[adapter_name].inference_mode = inference_mode
+        self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._is_prompt_learning:
