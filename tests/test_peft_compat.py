@@ -399,6 +399,21 @@ def test_from_pretrained_mode_and_trainable_params(is_trainable: bool, tmp_path:
         assert ours[0] == 0
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_parameter_names_in_memory_match_peft(use_dora: bool) -> None:
+    """Scripts filter named_parameters() and move state dicts by name, not only through files."""
+    config = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=use_dora)
+    ours = build(adaptune, "llama", **config)
+    theirs = peft.get_peft_model(FACTORIES["llama"](seed=0), peft.LoraConfig(**config)).eval()
+    names = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert names == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector.default.weight" in n for n in names) == use_dora
+    ours_state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    result = theirs.load_state_dict(ours_state, strict=False)
+    assert not result.unexpected_keys
+    assert_same(logits(theirs, "llama"), logits(ours, "llama"))
+
+
 def test_set_adapter_makes_the_adapter_trainable_unless_inference_mode(tmp_path: Path) -> None:
     build(adaptune, "llama", task_type="CAUSAL_LM", r=4, lora_alpha=8).save_pretrained(tmp_path)
     counts = {}

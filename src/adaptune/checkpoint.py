@@ -103,8 +103,8 @@ def lora_state_dict(tuner, adapter_name: str,
             out[f"{key}.lora_A.weight"] = a
             out[f"{key}.lora_B.weight"] = b
         if adapter_name in layer.lora_magnitude_vector:
-            out[f"{key}.lora_magnitude_vector"] = read(f"{name}.lora_magnitude_vector.{adapter_name}",
-                                                       layer.lora_magnitude_vector[adapter_name])
+            out[f"{key}.lora_magnitude_vector"] = read(f"{name}.lora_magnitude_vector.{adapter_name}.weight",
+                                                       layer.lora_magnitude_vector[adapter_name].weight)
         if config.bias in ("lora_only", "all") and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{key}.base_layer.bias"] = read(f"{name}.base_layer.bias", layer.base_layer.bias)
     if config.bias == "all":
@@ -336,7 +336,7 @@ def _load_layer(layer: LoraLayer, name: str, adapter_name: str, tensors: dict[st
         a_param.copy_(a.to(a_param.dtype))
         b_param.copy_(b.to(b_param.dtype))
     if adapter_name in layer.lora_magnitude_vector:
-        param = layer.lora_magnitude_vector[adapter_name]
+        param = layer.lora_magnitude_vector[adapter_name].weight
         value = tensors[f"{key}.lora_magnitude_vector"]
         check_shape(name, "lora_magnitude_vector", param.shape, value.shape)
         param.copy_(value.to(param.dtype))

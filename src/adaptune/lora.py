@@ -61,6 +61,15 @@ class AdapterSpec:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+class DoraMagnitude(nn.Module):
+    """DoRA's trained per-output-row magnitude m, as a module holding ``weight`` (peft's layout, so
+    state dict keys read ``lora_magnitude_vector.<adapter>.weight`` in both libraries)."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
 class LoraLayer(nn.Module):
     """Wraps ``base_layer`` (Linear, GPT-2 Conv1D, Embedding or a bitsandbytes linear)."""
 
@@ -77,7 +86,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # of DoraMagnitude: peft's names, ``...default.weight``
         self.specs: dict[str, AdapterSpec] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -133,7 +142,7 @@ class LoraLayer(nn.Module):
         if spec.init == "loftq" and self.kind == "linear":
             self._init_loftq(name, spec)
         if spec.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(self._dora_weight_norm(name).detach().clone())
+            self.lora_magnitude_vector[name] = DoraMagnitude(self._dora_weight_norm(name).detach().clone())
 
     def reset_parameters(self, name: str) -> None:
         init = self.specs[name].init
@@ -180,10 +189,10 @@ class LoraLayer(nn.Module):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params = []
-        for store in (self.lora_A, self.lora_B):
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
             if name in store:
                 params += list(store[name].parameters())
-        for store in (self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector):
+        for store in (self.lora_embedding_A, self.lora_embedding_B):
             if name in store:
                 params.append(store[name])
         return params
@@ -235,7 +244,7 @@ class LoraLayer(nn.Module):
             if self.specs[name].use_dora:
                 norm = torch.linalg.norm(weight + delta, dim=1)
                 self._dora_norms[name] = norm
-                scale = (self.lora_magnitude_vector[name].detach() / norm).to(weight.dtype)
+                scale = (self.lora_magnitude_vector[name].weight.detach() / norm).to(weight.dtype)
                 weight = scale[:, None] * (weight + delta)
             else:
                 weight = weight + delta
@@ -268,7 +277,7 @@ class LoraLayer(nn.Module):
         for name in reversed([n for n in self.merged_adapters if n in names]):
             delta = self.delta_weight(name).detach().to(weight.dtype)
             if self.specs[name].use_dora:
-                scale = (self.lora_magnitude_vector[name].detach() / self._dora_norms.pop(name)).to(weight.dtype)
+                scale = (self.lora_magnitude_vector[name].weight.detach() / self._dora_norms.pop(name)).to(weight.dtype)
                 weight = weight / scale[:, None] - delta
             else:
                 weight = weight - delta
@@ -326,7 +335,7 @@ class LoraLayer(nn.Module):
         lora = self.lora_B[name](self.lora_A[name](xd))
         with torch.no_grad():
             norm = torch.linalg.norm(weight + self.delta_weight(name), dim=1)
-        scale = self.lora_magnitude_vector[name] / norm
+        scale = self.lora_magnitude_vector[name].weight / norm
         if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)
             base_no_bias = base_out.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
