@@ -414,6 +414,16 @@ def test_parameter_names_in_memory_match_peft(use_dora: bool) -> None:
     assert_same(logits(theirs, "llama"), logits(ours, "llama"))
 
 
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_trainable_counts_with_bias_and_a_saved_head_match_peft(bias: str) -> None:
+    config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], bias=bias)
+    ours = adaptune.get_peft_model(FACTORIES["bert"](seed=0), adaptune.LoraConfig(**config))
+    theirs = peft.get_peft_model(FACTORIES["bert"](seed=0), peft.LoraConfig(**config))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in theirs.named_parameters() if p.requires_grad}
+
+
 def test_set_adapter_makes_the_adapter_trainable_unless_inference_mode(tmp_path: Path) -> None:
     build(adaptune, "llama", task_type="CAUSAL_LM", r=4, lora_alpha=8).save_pretrained(tmp_path)
     counts = {}

@@ -196,7 +196,8 @@ class LoraModel(nn.Module):
                 layer.base_layer.bias.requires_grad_(True)
         if config.bias == "all":
             for pname, p in self.model.named_parameters():
-                if pname.endswith("bias") and "lora_" not in pname:
+                # not the frozen original of a modules_to_save head: its trained copy is the one (peft)
+                if pname.endswith("bias") and "lora_" not in pname and ".original_module." not in pname:
                     p.requires_grad_(True)
         for _, wrapper in self.save_wrappers():
             if name in wrapper.modules_to_save:
