@@ -554,3 +554,15 @@ def transformers_auto(folder: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_active_adapters_lists_every_active_adapter_as_peft() -> None:
+    seen = {}
+    for lib in (adaptune, peft):
+        model = lib.get_peft_model(FACTORIES["llama"](seed=0), lib.LoraConfig(r=4, target_modules=["q_proj"]))
+        model.add_adapter("b", lib.LoraConfig(r=4, target_modules=["q_proj"]))
+        model.base_model.set_adapter(["default", "b"])
+        both = list(model.active_adapters)
+        model.delete_adapter("b")
+        seen[lib.__name__] = (both, list(model.active_adapters), model.active_adapter)
+    assert seen["adaptune"] == seen["peft"] == (["default", "b"], ["default"], "default")

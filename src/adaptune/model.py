@@ -120,7 +120,9 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        if self._is_prompt_learning:
+            return [self.active_adapter]
+        return list(self.base_model.active_adapters)
 
     def get_base_model(self) -> nn.Module:
         """The transformers model inside (with adapter layers in place)."""

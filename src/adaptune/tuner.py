@@ -47,6 +47,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str = adapter_name
+        self.active_adapters: list[str] = [adapter_name]
         self.inject_adapter(config, adapter_name, autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
@@ -214,6 +215,7 @@ class LoraModel(nn.Module):
         for _, wrapper in self.save_wrappers():
             wrapper.set_active(names)
         self.active_adapter = names[0]
+        self.active_adapters = names  # several at once: their outputs add up
         self._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -227,10 +229,13 @@ class LoraModel(nn.Module):
                 setattr(parent, child, layer.base_layer)
         for _, wrapper in self.save_wrappers():
             wrapper.delete(adapter_name)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
         if self.active_adapter == adapter_name:
             remaining = list(self.peft_config)
             if remaining:
                 self.set_adapter(remaining[0])
+        elif self.active_adapters:
+            self.set_adapter(self.active_adapters)
 
     def set_disabled(self, disabled: bool) -> None:
         for _, layer in self.lora_layers():
