@@ -140,6 +140,8 @@ def test_train_refuses_a_sharded_launch_on_accelerators(env, model_dir, text_fil
     (["generate", "--max-new-tokens", "-1"], "--max-new-tokens: expected a positive integer"),
     (["generate", "--temperature", "0"], "--temperature: expected a positive number"),
     (["generate", "--top-p", "nan"], "--top-p: expected a number in (0, 1]"),
+    (["generate", "--top-p", "2"], "--top-p: expected a number in (0, 1]"),
+    (["inspect", "--r", "-3"], "--r: expected a positive integer"),
     (["eval", "--batch-size", "0"], "--batch-size: expected a positive integer"),
     (["eval", "--max-examples", "-1"], "--max-examples: expected an integer >= 0"),
 ])

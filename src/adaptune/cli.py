@@ -22,14 +22,16 @@ from .errors import AdaptuneError
 EXIT_USER_ERROR = 2
 
 
-def _number(kind: type, low: float, inclusive: bool, what: str):
-    """An argparse type: ``kind`` (int/float) at or above ``low`` (or above, if not ``inclusive``)."""
+def _number(kind: type, low: float, inclusive: bool, what: str, high: float = float("inf")):
+    """An argparse type: ``kind`` (int/float) at or above ``low`` (or above, if not ``inclusive``)
+    and at most ``high``; NaN and infinities are refused."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")) or value < low or (value == low and not inclusive):
+        finite = value == value and value not in (float("inf"), float("-inf"))
+        if not finite or value < low or (value == low and not inclusive) or value > high:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
@@ -61,7 +63,7 @@ def _add_pickle_flag(p: argparse.ArgumentParser) -> None:
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
     p.add_argument("--temperature", type=POSITIVE, default=0.7, help="sampling temperature (> 0; --greedy for none)")
-    p.add_argument("--top-p", type=_number(float, 0, False, "a number in (0, 1]"), default=0.9)
+    p.add_argument("--top-p", type=_number(float, 0, False, "a number in (0, 1]", high=1.0), default=0.9)
     p.add_argument("--top-k", type=POSITIVE_INT, default=None)
     p.add_argument("--repetition-penalty", type=POSITIVE, default=None)
     p.add_argument("--no-repeat-ngram-size", type=POSITIVE_INT, default=None)
@@ -143,7 +145,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: by hardware)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 | auto (the checkpoint's; default: by hardware)")
     p.set_defaults(func=cmd_train)
 
 
@@ -268,7 +270,7 @@ def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="list a model's adaptable layers, default targets and parameter counts")
     p.add_argument("model", nargs="?", default=None, help="hub id, local folder or .gguf (default: embedded model)")
     _add_trust_flag(p)
-    p.add_argument("--r", type=int, default=8, help="rank for the trainable-parameter count")
+    p.add_argument("--r", type=POSITIVE_INT, default=8, help="rank for the trainable-parameter count")
     p.add_argument("--targets", default=None, help="comma-separated names, a regex, or all-linear")
     p.add_argument("--memory", action="store_true", help="estimate training memory (full / LoRA / QLoRA)")
     p.add_argument("--batch-size", type=int, default=8)
