@@ -163,6 +163,9 @@ def test_negative_switches_and_single_target_names_reach_the_job(tmp_path):
     config.write_text("packing: true\ngradient_checkpointing: true\n")
     from_yaml = job("--config", str(config), "--no-packing", "--no-gradient-checkpointing")
     assert from_yaml.packing is False and from_yaml.gradient_checkpointing is False, "flags win over the YAML"
+    config.write_text("trust_remote_code: true\nresume: true\n")
+    kept = job("--config", str(config))
+    assert kept.trust_remote_code is True and kept.resume is True, "a switch not given leaves the YAML value"
     assert job("--targets", "q_proj").targets == ["q_proj"]
     assert job("--targets", "q_proj, v_proj").targets == ["q_proj", "v_proj"]
     assert job("--targets", "all-linear").targets == "all-linear"

@@ -143,10 +143,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--save-every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
     p.add_argument("--logging-steps", type=int, help=f"log the training loss every N steps (default {d.logging_steps})")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --output")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 | auto (the checkpoint's; default: by hardware)")
-    p.set_defaults(func=cmd_train)
+    # every train option is None unless given, so that a YAML value stands unless a flag says otherwise
+    p.set_defaults(func=cmd_train, trust_remote_code=None)
 
 
 def job_from_args(args: argparse.Namespace):
@@ -154,9 +155,7 @@ def job_from_args(args: argparse.Namespace):
 
     fields = {f.name for f in dataclasses.fields(TrainJob)}
     # None = not given; False from a --no-X switch is a choice (it must win over a YAML value too)
-    given = {k: v for k, v in vars(args).items() if k in fields and k != "resume" and v is not None}
-    if args.resume:
-        given["resume"] = True
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     return TrainJob.from_yaml(args.config, **given) if args.config else TrainJob(**given)
 
 
