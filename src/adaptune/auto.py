@@ -21,13 +21,6 @@ __all__ = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeature
            "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification"]
 
 
-def _is_embedded_default(name: str) -> bool:
-    from .models import DEFAULT_MODEL
-
-    text = name.strip().lower()
-    return text == "default" or text.startswith(DEFAULT_MODEL.split(" (")[0].lower() + " (embedded")
-
-
 class AutoPeftModel:
     """Base and adapter from the adapter folder alone; the task is the adapter's own."""
 
@@ -37,7 +30,7 @@ class AutoPeftModel:
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
                         revision: str | None = None, **kwargs: Any) -> PeftModel:
-        from .models import _task_key, auto_class_for_task, load_model
+        from .models import _task_key, auto_class_for_task, load_model, names_embedded_default
 
         folder = resolve_adapter_folder(pretrained_model_name_or_path)
         peft_config = config or PeftConfig.from_pretrained(folder)
@@ -51,7 +44,7 @@ class AutoPeftModel:
             raise AdapterFileError(f"{folder}: the adapter config names no base model "
                                    "(base_model_name_or_path); load the base yourself and call "
                                    "PeftModel.from_pretrained(base, adapter)")
-        if _is_embedded_default(base_name):
+        if names_embedded_default(base_name):
             base = load_model(None, task=task, dtype=kwargs.get("dtype", kwargs.get("torch_dtype")))
         else:
             if revision is not None:

@@ -89,11 +89,10 @@ def _load_for_inference(model_name: str | None, adapter: str | None, allow_pickl
 def _adapter_base_name(adapter: str) -> str | None:
     """The base an adapter was trained on, when it is a usable name (else the default model)."""
     from .config import PeftConfig
+    from .models import names_embedded_default
 
     name = PeftConfig.from_pretrained(adapter).base_model_name_or_path
-    if not name or name.startswith("SmolLM2-135M-Instruct (embedded"):
-        return None
-    return name
+    return None if not name or names_embedded_default(name) else name
 
 
 # ---- train -------------------------------------------------------------------------------------

@@ -149,6 +149,14 @@ def default_gguf_path() -> pathlib.Path:
     return found[0]
 
 
+def names_embedded_default(name: str | None) -> bool:
+    """Whether an adapter's ``base_model_name_or_path`` (or a --model value) means the embedded
+    default model: ``default``, or the label adaptune records for it (``SmolLM2-135M-Instruct
+    (embedded GGUF...``)."""
+    text = (name or "").strip().lower()
+    return text in _DEFAULT_NAMES or text.startswith(DEFAULT_MODEL.split(" (")[0].lower() + " (embedded")
+
+
 def _looks_like_path(name: str) -> bool:
     """True for things a user means as a path; False for ``gpt2`` or ``org/model`` hub ids."""
     if name in (".", "..") or name.startswith(("/", "./", "../", "~", ".\\", "..\\")):
@@ -404,6 +412,6 @@ def load_model_and_tokenizer(name: str | os.PathLike | None = None, **kw: Any):
 
 __all__ = [
     "DEFAULT_MODEL", "TASK_CLASSES", "auto_class_for_task", "default_gguf_path", "load_config",
-    "load_model", "load_model_and_tokenizer", "load_tokenizer", "parse_dtype", "pick_device",
-    "pick_dtype", "resolve_model_source",
+    "load_model", "load_model_and_tokenizer", "load_tokenizer", "names_embedded_default", "parse_dtype",
+    "pick_device", "pick_dtype", "resolve_model_source",
 ]
