@@ -294,14 +294,16 @@ def test_trust_remote_code_is_off_unless_asked():
     import inspect
 
     from adaptune import models
-    from adaptune.cli import build_parser
+    from adaptune.cli import build_parser, job_from_args
     from adaptune.recipe import TrainJob
 
     for fn in (models.load_model, models.load_tokenizer, models.load_config):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False
     assert TrainJob().trust_remote_code is False
     parser = build_parser()
-    for argv in (["train"], ["generate"], ["eval"], ["merge", "--adapter", "a", "--output", "b"], ["inspect"]):
+    # train leaves an unset flag to the job (a YAML may set it); the job's own default is off
+    assert job_from_args(parser.parse_args(["train"])).trust_remote_code is False
+    for argv in (["generate"], ["eval"], ["merge", "--adapter", "a", "--output", "b"], ["inspect"]):
         assert parser.parse_args(argv).trust_remote_code is False
     for argv in (["generate"], ["eval"], ["merge", "--adapter", "a", "--output", "b"]):
         assert parser.parse_args(argv).allow_pickle is False
