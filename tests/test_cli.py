@@ -109,6 +109,7 @@ def test_inspect_gpt2_mentions_fused_slices(tmp_path, capsys):
     (["train", "--max-steps", "0", "--epochs", "0"], "--epochs must be a positive number"),
     (["train", "--max-examples", "0"], "--max-examples must be a positive integer"),
     (["train", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["train", "--data", "/tmp", "--model", "MODEL"], "/tmp: is a folder"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(argv, text, model_dir, capsys):
     argv = [str(model_dir) if a == "MODEL" else a for a in argv]

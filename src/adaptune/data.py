@@ -141,10 +141,19 @@ def default_data_path() -> Path:
     return Path(str(resources.files("adaptune").joinpath("resources").joinpath("shakespeare.txt")))
 
 
-def _read_text(path: Path) -> str:
-    """The file as text; DataError for missing, empty or non-UTF-8 files (the usual user slips)."""
+def check_data_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is a file; DataError saying what it is otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; pass a data file inside it (text or .jsonl)")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; DataError for missing, empty or non-UTF-8 files (the usual user slips)."""
+    check_data_file(path)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

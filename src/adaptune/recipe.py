@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 
 METHODS = ("lora", "dora", "qlora", "prompt-tuning", "p-tuning", "prefix-tuning", "full")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
@@ -90,7 +90,8 @@ class TrainJob:
                 kind = "a positive integer" if low else "an integer >= 0"
                 raise ConfigError(f"--{name.replace('_', '-')} must be {kind}, got {value!r}")
         if self.max_examples is not None and self.max_examples < 1:
-            raise ConfigError(f"--max-examples must be a positive integer (or left out for all), got {self.max_examples}")
+            raise ConfigError(f"--max-examples must be a positive integer (or left out for all), "
+                              f"got {self.max_examples}")
         if self.max_steps == 0 and not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise ConfigError(f"--epochs must be a positive number when --max-steps is 0, got {self.epochs}")
         if not 0 <= self.dropout < 1:
@@ -327,7 +328,8 @@ def _refuse_sharded_launch() -> None:
 def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
     from .atomic import atomic_write_json, atomic_write_text, check_writable, remove_temporaries
-    from .data import DataCollator, build_datasets, default_data_path, pad_token_id_for, supports_packing
+    from .data import (DataCollator, build_datasets, check_data_file, default_data_path, pad_token_id_for,
+                       supports_packing)
     from .evaluation import perplexity
     from .generation import generate_text
     from .trainer import Trainer, TrainingArguments
@@ -340,8 +342,7 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
         for folder in [out, *sorted(out.glob("checkpoint-*"))]:
             remove_temporaries(folder)
     data_path = job.data or str(default_data_path())
-    if not Path(data_path).is_file():  # before the (slow) model load
-        raise DataError(f"{data_path}: no such data file")
+    check_data_file(data_path)  # before the (slow) model load
     torch.manual_seed(job.seed)
     say(f"loading {job.model or 'SmolLM2-135M-Instruct (embedded)'} ...")
     model, tokenizer = load_base(job)
