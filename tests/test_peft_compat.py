@@ -566,3 +566,15 @@ def test_active_adapters_lists_every_active_adapter_as_peft() -> None:
         model.delete_adapter("b")
         seen[lib.__name__] = (both, list(model.active_adapters), model.active_adapter)
     assert seen["adaptune"] == seen["peft"] == (["default", "b"], ["default"], "default")
+
+
+def test_set_peft_model_state_dict_on_a_prompt_model_keeps_it_training() -> None:
+    model = adaptune.get_peft_model(FACTORIES["llama"](seed=0),
+                                    adaptune.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    trainable = model.get_nb_trainable_parameters()
+    assert trainable[0] > 0
+    shifted = {k: v + 1 for k, v in adaptune.get_peft_model_state_dict(model).items()}
+    adaptune.set_peft_model_state_dict(model, shifted)
+    assert model.get_nb_trainable_parameters() == trainable
+    for key, value in adaptune.get_peft_model_state_dict(model).items():
+        torch.testing.assert_close(value, shifted[key], rtol=0, atol=0)

@@ -341,8 +341,9 @@ class PeftModel(nn.Module):
         self._load_tensors(adapter_name, tensors, str(folder), is_trainable)
 
     def _load_tensors(self, adapter_name: str, tensors: Mapping[str, torch.Tensor], source: str,
-                      is_trainable: bool = False) -> None:
-        """An adapter's tensors as the file holds them (peft's keys) into adapter ``adapter_name``."""
+                      is_trainable: bool | None = None) -> None:
+        """An adapter's tensors as the file holds them (peft's keys) into adapter ``adapter_name``;
+        ``is_trainable`` None keeps the adapter's own mode (prompt rows; LoRA keeps its flags anyway)."""
         if self._is_prompt_learning:
             self._prompt.load_state_dict_from_disk(adapter_name, dict(tensors), source, trainable=is_trainable)
         else:
@@ -471,8 +472,7 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: Mapping[s
     (which must exist); a missing or misshapen tensor raises ``AdapterFileError``."""
     if adapter_name not in model.peft_config:
         raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {list(model.peft_config)}")
-    trainable = any(p.requires_grad for p in model.parameters())
-    model._load_tensors(adapter_name, peft_model_state_dict, "the given state dict", is_trainable=trainable)
+    model._load_tensors(adapter_name, peft_model_state_dict, "the given state dict")
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
