@@ -447,7 +447,20 @@ def test_yaml_number_written_as_1e_minus_3_is_a_number(tmp_path):
 
 # ---- a diverging run -----------------------------------------------------------------------------
 def test_diverging_training_stops_with_one_line_and_keeps_the_last_good_checkpoint(model_dir, text_file, tmp_path,
-                                                                                   capsys):
+                                                                                   capsys, monkeypatch):
+    # Whether --lr 1e12 overflows to NaN depends on the CPU's arithmetic (on some machines the
+    # activations saturate and the gradient becomes exactly 0 instead): from step 4 on the loss is
+    # made NaN, so the run diverges on every machine.
+    import adaptune
+
+    plain_loss = adaptune.Trainer.compute_loss
+
+    def poisoned_loss(self, *args, **kwargs):
+        loss = plain_loss(self, *args, **kwargs)
+        training = self.model.training and not kwargs.get("return_outputs")
+        return loss * float("nan") if training and self.state.global_step >= 3 else loss
+
+    monkeypatch.setattr(adaptune.Trainer, "compute_loss", poisoned_loss)
     out = tmp_path / "out"
     code, _, err = _run(capsys, ["train", "--model", model_dir, "--data", text_file, "--output", out,
                                  "--max-steps", "10", "--save-every", "1", "--max-length", "32", "--batch-size", "4",
