@@ -27,7 +27,7 @@ import time
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from adaptune.attention import packed_sdpa_forward
+from adaptune.speedups.attention import packed_sdpa_forward
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 

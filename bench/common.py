@@ -64,9 +64,9 @@ def without_adaptune_process_settings() -> None:
     """Give a peer's child process torch's own oneDNN kernel-cache sizes (1,024 entries each).
 
     Every tool's model comes through adaptune's loader here, and importing adaptune caps those
-    caches (adaptune.allocator.cap_onednn_caches); a peft user's process has torch's defaults.
+    caches (adaptune.speedups.allocator.cap_onednn_caches); a peft user's process has torch's defaults.
     Call before the first product runs (the caches read their size then)."""
-    from adaptune.allocator import ONEDNN_CACHE_VARIABLES
+    from adaptune.speedups.allocator import ONEDNN_CACHE_VARIABLES
 
     os.environ.update({name: "1024" for name in ONEDNN_CACHE_VARIABLES})
 
@@ -77,7 +77,7 @@ def load_smollm2():
     The GGUF weights are dequantized to plain floats; a model still flagged ``is_quantized`` with no
     quantizer would make transformers.Trainer refuse peft's wrapper, so the flag is cleared too.
     """
-    from adaptune.models import load_model_and_tokenizer
+    from adaptune.hub import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(None)
     if getattr(model, "hf_quantizer", None) is None and getattr(model, "is_quantized", False):
@@ -113,7 +113,7 @@ def matmul_gflops(n: int = 1024, seconds: float = 2.0, dtype: str = "float32") -
 
 
 def shakespeare_words() -> list[str]:
-    from adaptune.data import default_data_path
+    from adaptune.data.examples import default_data_path
 
     return default_data_path().read_text(encoding="utf-8").split()
 

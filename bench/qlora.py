@@ -76,9 +76,9 @@ VARIANTS = {
 
 # ---- parent: prepare model and data once -----------------------------------------------------------
 def load_smollm2():
-    """(model, tokenizer) in fp32: adaptune.models if present, else transformers on the GGUF file."""
+    """(model, tokenizer) in fp32: adaptune.hub if present, else transformers on the GGUF file."""
     try:
-        from adaptune.models import load_model_and_tokenizer
+        from adaptune.hub import load_model_and_tokenizer
     except ImportError:
         load_model_and_tokenizer = None
     if load_model_and_tokenizer is not None:
@@ -95,7 +95,7 @@ def prepare(workdir: Path, args) -> dict:
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
-    from adaptune.quant import forget_quantization
+    from adaptune.quant.bnb import forget_quantization
 
     forget_quantization(model)  # the GGUF tensors are fp32 now; transformers still calls it "gguf"
     model.save_pretrained(workdir / "fp32")
@@ -141,8 +141,8 @@ def perplexity(model, val: torch.Tensor, batch: int) -> float:
 
 def worker(variant: str, workdir: Path, args) -> dict:
     """Build the model with ``adaptune train``'s own functions for these options, then train and measure."""
-    from adaptune.quant import weight_bytes
-    from adaptune.recipe import TrainJob, load_base, wrap_model
+    from adaptune.quant.bnb import weight_bytes
+    from adaptune.training.job import TrainJob, load_base, wrap_model
 
     job = TrainJob(model=str(workdir / "fp32"), r=8, alpha=16.0, dropout=0.0, dtype="float32",
                    targets=args.targets[0] if args.targets == ["all-linear"] else args.targets,

@@ -10,7 +10,7 @@ A diagnostic behind bench/train.py's numbers, not a comparison. For each setting
   walk over the graph's saved tensors (:mod:`torch.autograd.graph` hooks), with the fused
   paths off (plain ``nn.Dropout`` + ``lora_A``; the MLP's own ``silu(gate) * up``) and on;
 - median step time over a few steps and minor page faults per step, with freed memory returned
-  to the OS as glibc does by default, and kept (``adaptune.allocator.keep_freed_memory``). Each
+  to the OS as glibc does by default, and kept (``adaptune.speedups.allocator.keep_freed_memory``). Each
   allocator setting runs in a fresh process (a mallopt cannot be undone), after the model loads,
   and reports the loop's peak RSS too.
 
@@ -44,8 +44,8 @@ import torch  # noqa: E402
 
 def build(tokens: int, fused: bool):
     from adaptune import LoraConfig, get_peft_model
-    from adaptune.fused import fuse_gated_mlps, unfuse_gated_mlps
-    from adaptune.models import load_model
+    from adaptune.speedups.fused import fuse_gated_mlps, unfuse_gated_mlps
+    from adaptune.hub import load_model
 
     torch.manual_seed(0)
     model = load_model(None, dtype=torch.float32)
@@ -61,7 +61,7 @@ def build(tokens: int, fused: bool):
 
 def saved_mb(model, inputs, fused: bool) -> float:
     """MB autograd keeps for backward after one forward, weights excluded."""
-    from adaptune.loss import causal_lm_loss
+    from adaptune.speedups.loss import causal_lm_loss
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -73,7 +73,7 @@ def saved_mb(model, inputs, fused: bool) -> float:
         return t
 
     if not fused:  # plain path: an nn.Dropout followed by lora_A, as peft does it
-        from adaptune import lora as lora_module
+        from adaptune.tuners.lora import layer as lora_module
 
         original = lora_module.dropout_linear
         lora_module.dropout_linear = lambda x, w, p: torch.nn.functional.linear(
@@ -90,7 +90,7 @@ def saved_mb(model, inputs, fused: bool) -> float:
 
 def train_step(model, inputs):
     """A function running one LoRA training step (chunked loss, backward, AdamW) on ``inputs``."""
-    from adaptune.loss import causal_lm_loss
+    from adaptune.speedups.loss import causal_lm_loss
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -114,7 +114,7 @@ def timed(step, n: int) -> list[float]:
 
 
 def child(tokens: int, keep: bool, steps: int) -> dict:
-    from adaptune.allocator import keep_freed_memory
+    from adaptune.speedups.allocator import keep_freed_memory
 
     model, inputs = build(tokens, fused=True)
     if keep:
@@ -144,8 +144,8 @@ def op_profile(tokens: int) -> None:
     """Time shares of one training step by kind of op (torch.profiler), and the GEMM rates."""
     from torch.profiler import ProfilerActivity, profile
 
-    from adaptune.attention import packed_attention
-    from adaptune.fused import fuse_rms_norms
+    from adaptune.speedups.attention import packed_attention
+    from adaptune.speedups.fused import fuse_rms_norms
 
     model, inputs = build(tokens, fused=True)
     fuse_rms_norms(model)

@@ -5,7 +5,7 @@
     python bench/train.py --bf16           # the same with bf16 autocast for every tool (bf16=True)
 
 Setup, the same for every tool: the embedded SmolLM2-135M-Instruct in fp32
-(``adaptune.models.load_model_and_tokenizer(None)``), LoRA r=8 alpha=16 dropout=0.05 on q_proj and
+(``adaptune.hub.load_model_and_tokenizer(None)``), LoRA r=8 alpha=16 dropout=0.05 on q_proj and
 v_proj, 8 examples per optimizer step, at most 128 tokens an example, AdamW lr 1e-3 with cosine
 decay and 2 warm-up steps, one epoch, seed 0 (so every tool sees the same examples in the same
 batches and takes the same number of steps). Data:
@@ -20,12 +20,12 @@ Tools:
 - ``adaptune``: adaptune's LoRA + adaptune.Trainer with its defaults; each batch's 8 examples
   packed into rows of at most 512 tokens (BatchPackingCollator: restarting position_ids, the batch's
   own loss and gradient, almost no padding), each example attending only to itself
-  (adaptune.attention, ``packed_attention``: one causal attention call per example length, so a
+  (adaptune.speedups.attention, ``packed_attention``: one causal attention call per example length, so a
   wide row costs no extra attention), the output head + loss only at labelled positions in 256-row
   chunks (chunked_loss), and ``micro_batch_tokens=512`` (forward/backward in row groups of at most
   512 tokens: less activation memory, same gradients; ``--micro-batch-tokens`` changes both 512s).
   Its Trainer also keeps 2 instead of 3 MLP tensors for backward (fused_mlp_activation), runs
-  RMSNorm in one buffer (fused_rms_norm), and LoRA dropout keeps a bool mask (adaptune.fused).
+  RMSNorm in one buffer (fused_rms_norm), and LoRA dropout keeps a bool mask (adaptune.speedups.fused).
 - ``adaptune-whole``: the same with rows of up to 1,024 tokens and no micro-batches (each batch in
   one forward): fewer passes over the weights, more memory.
 - ``adaptune-pack`` (not run by default; ``--tools``): the whole data set first-fit packed into
@@ -147,8 +147,8 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
                                        train_dataset=train, data_collator=collator)
     else:
         from adaptune import LoraConfig, Trainer, TrainingArguments, get_peft_model
-        from adaptune.batching import BatchPackingCollator
-        from adaptune.data import DataCollator, Example, pack_examples
+        from adaptune.data.batch_packing import BatchPackingCollator
+        from adaptune.data.examples import DataCollator, Example, pack_examples
 
         peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **common.LORA))
         micro = None if tool == "adaptune-whole" else micro_batch_tokens

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from adaptune import LoraConfig, get_peft_model
 from adaptune.errors import AdapterFileError
-from adaptune.loss import supports_chunked_loss
+from adaptune.speedups.loss import supports_chunked_loss
 from tests.tiny import nonzero_lora_b, tiny_llama
 
 STEPS, ROWS, LENGTH = 3, 4, 16

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from adaptune.allocator import ONEDNN_CACHE_VARIABLES
+from adaptune.speedups.allocator import ONEDNN_CACHE_VARIABLES
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -68,7 +68,7 @@ def test_importing_adaptune_bounds_onednn_kernel_caches_unless_the_user_sized_th
 
 
 def test_keep_freed_memory_is_idempotent_and_reports_whether_it_applied():
-    from adaptune.allocator import keep_freed_memory
+    from adaptune.speedups.allocator import keep_freed_memory
 
     assert keep_freed_memory() is GLIBC
     assert keep_freed_memory() is GLIBC

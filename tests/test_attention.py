@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from adaptune import LoraConfig, get_peft_model
-from adaptune.attention import PACKED_SDPA, packed_attention, segments
+from adaptune.speedups.attention import PACKED_SDPA, packed_attention, segments
 from tests.tiny import nonzero_lora_b, tiny_gpt2, tiny_llama
 
 
@@ -84,7 +84,7 @@ def test_lora_gradients_equal_sdpas_masked_row():
 def test_rows_of_equal_examples_attend_in_one_call_on_views_of_the_rows(monkeypatch):
     """Full blocks (every row cut into examples of one length, or holding one example): one kernel
     call on views of the rows, not copies, with the logits and LoRA gradients of sdpa's (masked) rows."""
-    from adaptune import attention
+    from adaptune.speedups import attention
 
     calls = []
     kernel = attention._causal_sdpa
@@ -165,7 +165,7 @@ def test_under_cpu_bf16_autocast_examples_attend_in_fp32():
     on the bf16-rounded inputs, not bf16 SDPA."""
     import torch.nn.functional as F
 
-    from adaptune.attention import packed_sdpa_forward
+    from adaptune.speedups.attention import packed_sdpa_forward
 
     g = torch.Generator().manual_seed(0)
     lengths = [5, 3, 5]

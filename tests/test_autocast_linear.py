@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptune.autocast_linear import frozen_linear, lean_autocast_linears, restore_autocast_linears
-from adaptune.lora import LoraLayer
+from adaptune.speedups.autocast import frozen_linear, lean_autocast_linears, restore_autocast_linears
+from adaptune.tuners.lora.layer import LoraLayer
 from tests.test_perf_equivalence import assert_close_dicts, lora_llama, train_lora
 
 BF16 = torch.bfloat16

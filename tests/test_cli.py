@@ -126,14 +126,14 @@ def test_train_refuses_a_sharded_launch_on_accelerators(env, model_dir, text_fil
     """Sharded weights (FSDP, ZeRO-3) would hang its main-process evaluation: one clear line instead."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr("adaptune.trainer._accelerator_type", lambda: "cuda")
+    monkeypatch.setattr("adaptune.training.trainer._accelerator_type", lambda: "cuda")
     argv = ["train", "--model", str(model_dir), "--data", str(text_file), "--output", str(tmp_path / "out")]
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("adaptune: error:") and "adaptune.Trainer" in last
     assert not (tmp_path / "out").exists()
     if "ACCELERATE_USE_FSDP" in env:
-        monkeypatch.setattr("adaptune.trainer._accelerator_type", lambda: None)  # a CPU: accelerate runs DDP
+        monkeypatch.setattr("adaptune.training.trainer._accelerator_type", lambda: None)  # a CPU: accelerate runs DDP
         assert main([*argv, "--max-steps", "1", "--eval-every", "0"]) == 0
 
 

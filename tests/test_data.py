@@ -10,8 +10,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from adaptune import data
-from adaptune.data import IGNORE_INDEX, DataCollator, Example
+from adaptune.data import examples as data
+from adaptune.data.examples import IGNORE_INDEX, DataCollator, Example
 from adaptune.errors import DataError
 from tests.tiny import make_tokenizer
 

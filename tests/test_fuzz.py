@@ -3,7 +3,7 @@
 * ``PeftConfig.from_dict`` / ``PeftConfig.from_pretrained`` on random JSON (and random bytes as
   ``adapter_config.json``): the result is a config whose fields all have their declared types and
   that writes and reads back to itself, or an ``AdaptuneError``; never another exception.
-* ``adaptune.data.load_examples`` with the tiny test tokenizer on random bytes and on random
+* ``adaptune.data.examples.load_examples`` with the tiny test tokenizer on random bytes and on random
   JSON-lines rows (text, prompt/completion, chat, alpaca shapes with random values, bad JSON, lone
   surrogates, deep nesting): examples + a consistent report, or a ``DataError``.
 
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptune.config import CONFIG_CLASSES, CONFIG_NAME, PeftConfig
-from adaptune.data import IGNORE_INDEX, load_examples
+from adaptune.data.examples import IGNORE_INDEX, load_examples
 from adaptune.errors import AdaptuneError, DataError
 from tests.tiny import VOCAB, WORDS, make_tokenizer
 

@@ -8,10 +8,10 @@ from torch import nn
 
 from adaptune import LoraConfig, get_peft_model
 from adaptune.errors import ConfigError
-from adaptune.int8_embedding import (Int8Embedding, Int8Head, dequantize_embeddings, quantize_embeddings,
+from adaptune.quant.int8_embedding import (Int8Embedding, Int8Head, dequantize_embeddings, quantize_embeddings,
                                      quantize_rows)
-from adaptune.loss import causal_lm_loss
-from adaptune.quant import weight_bytes
+from adaptune.speedups.loss import causal_lm_loss
+from adaptune.quant.bnb import weight_bytes
 from tests.tiny import nonzero_lora_b, tiny_llama
 
 IDS = torch.tensor([[5, 9, 17, 33, 41, 7, 8, 60], [3, 11, 12, 50, 70, 90, 4, 6]])
@@ -86,7 +86,7 @@ def test_lora_trains_on_top_and_merges_to_a_plain_model():
 
 
 def test_refuses_an_adapter_model_and_methods_that_use_the_table():
-    from adaptune.recipe import TrainJob
+    from adaptune.training.job import TrainJob
 
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="before get_peft_model"):
@@ -111,7 +111,7 @@ def test_cli_trains_with_quantized_embeddings(model_dir, tmp_path):
 def test_head_gradient_equals_the_float_table_and_keeps_no_float_copy():
     import torch.nn.functional as F
 
-    from adaptune import int8_embedding
+    from adaptune.quant import int8_embedding
 
     table = Int8Embedding(torch.randn(50, 12))
     head = Int8Head(table, bias=torch.randn(50))

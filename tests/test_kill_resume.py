@@ -77,8 +77,8 @@ def workdir(tmp_path_factory):
 
 ZYGOTE = r"""
 import json, os, sys, traceback
-import adaptune.cli, adaptune.recipe, adaptune.trainer, adaptune.data, adaptune.models  # noqa: F401
-import adaptune.callbacks, adaptune.evaluation, adaptune.generation  # noqa: F401
+import adaptune.cli, adaptune.training.job, adaptune.training.trainer, adaptune.data.examples, adaptune.hub  # noqa: F401
+import adaptune.training.callbacks, adaptune.tools.evaluation, adaptune.tools.generation  # noqa: F401
 out = os.fdopen(os.dup(1), "w", buffering=1)
 for line in sys.stdin:
     req = json.loads(line)
@@ -302,8 +302,8 @@ def _check_files_whole(out: Path, torn_before: dict[int, int], temps_before: lis
     """Every file under its final name reads whole; returns notes on what the kill left behind
     (a torn checkpoint counts if this run tore it: new, or written into since the run started)."""
     from adaptune.atomic import read_jsonl
-    from adaptune.recipe import _last_checkpoint
-    from adaptune.trainer import last_complete_checkpoint
+    from adaptune.training.job import _last_checkpoint
+    from adaptune.training.trainer import last_complete_checkpoint
 
     notes = []
     if (out / WEIGHTS).exists():

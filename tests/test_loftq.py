@@ -20,15 +20,15 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from adaptune import LoftQConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from adaptune.errors import ConfigError  # noqa: E402
-from adaptune.loftq import loftq_layer  # noqa: E402
-from adaptune.quant import (  # noqa: E402
+from adaptune.tuners.lora.loftq import loftq_layer  # noqa: E402
+from adaptune.quant.bnb import (  # noqa: E402
     bnb_config,
     dequantize_weight,
     keep_trainable_layout,
     quantize_linears,
     quantized_linear_from,
 )
-from adaptune.recipe import TrainJob  # noqa: E402
+from adaptune.training.job import TrainJob  # noqa: E402
 from tests.test_qlora import ids, load_fp32, logits  # noqa: E402  (the same tiny model helpers)
 from tests.tiny import tiny_gpt2, tiny_llama  # noqa: E402
 
@@ -273,7 +273,7 @@ def test_cli_trains_qlora_with_loftq_and_mixed_layers(model_dir, tmp_path):
     out = tmp_path / "adapter"
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(out),
                  "--method", "qlora", "--lora-init", "loftq", "--loftq-iter", "2", "--int8-modules", "down_proj",
-                 "--targets", "all-linear", "--max-steps", "2", "--max-length", "32", "--batch-size", "4",
+                 "--targets", "all-linear", "--max-steps", "6", "--lr", "1e-2", "--max-length", "32", "--batch-size", "4",
                  "--eval-every", "0"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "loftq"

@@ -10,7 +10,7 @@ import torch
 
 from adaptune import LoraConfig, PeftModel, TaskType, get_peft_model
 from adaptune.errors import AdaptuneError, ConfigError, TargetError
-from adaptune.lora import AdapterSpec, LoraLayer
+from adaptune.tuners.lora.layer import AdapterSpec, LoraLayer
 from tests.tiny import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 IDS = torch.tensor([[5, 9, 17, 33, 41, 7, 8, 60], [3, 11, 12, 50, 70, 90, 4, 6]])
@@ -419,7 +419,7 @@ def test_other_task_classes_train_and_save_their_heads(task, auto_name, head, tm
     import transformers
     from safetensors.torch import load_file
 
-    from adaptune.model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from adaptune.peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
     def build():
         torch.manual_seed(0)

@@ -19,9 +19,9 @@ import math
 import pytest
 import torch
 
-from adaptune import memory
+from adaptune.tools import memory
 from adaptune.errors import AdaptuneError, ConfigError, TargetError
-from adaptune.memory import (MemoryEstimate, count_parameters, estimate_all,
+from adaptune.tools.memory import (MemoryEstimate, count_parameters, estimate_all,
                              estimate_training_memory, format_estimates, nf4_bytes)
 
 MiB = 2**20
@@ -190,7 +190,7 @@ def test_adapter_size_matches_peft():
 def test_targets_are_chosen_as_adaptune_chooses_them():
     from transformers import GPT2Config
 
-    from adaptune.targets import DEFAULT_TARGETS
+    from adaptune.tuners.targets import DEFAULT_TARGETS
 
     gpt2 = GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128)
     sliced = estimate_training_memory(gpt2, "lora", 1, 8, r=4, target_modules=["q_attn", "v_attn"],

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from adaptune import models
+from adaptune import hub as models
 from adaptune.errors import AdaptuneError, ConfigError, EnvironmentProblem
 from tests.tiny import make_tokenizer, tiny_gpt2, tiny_llama
 
@@ -140,7 +140,7 @@ def test_pad_token_falls_back_to_eos_said_once(tmp_path, caplog):
     tiny_gpt2().save_pretrained(folder)
     _no_pad_tokenizer().save_pretrained(folder)
     models._said.clear()
-    with caplog.at_level(logging.WARNING, logger="adaptune.models"):
+    with caplog.at_level(logging.WARNING, logger="adaptune.hub"):
         tok = models.load_tokenizer(folder)
         tok2 = models.load_tokenizer(folder)
     assert tok.pad_token == tok.eos_token == "</s>" and tok2.pad_token == "</s>"

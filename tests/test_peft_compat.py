@@ -18,7 +18,7 @@ import torch
 
 import adaptune
 from adaptune.errors import AdapterFileError
-from adaptune.lora import LoraLayer
+from adaptune.tuners.lora.layer import LoraLayer
 from tests.tiny import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 peft = pytest.importorskip("peft")

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptune import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
-from adaptune.data import DataCollator, Example, pack_examples
-from adaptune.fused import dropout_mask
-from adaptune.loss import causal_lm_loss, linear_cross_entropy, supports_chunked_loss
-from adaptune.trainer import Trainer, TrainingArguments
+from adaptune.data.examples import DataCollator, Example, pack_examples
+from adaptune.speedups.fused import dropout_mask
+from adaptune.speedups.loss import causal_lm_loss, linear_cross_entropy, supports_chunked_loss
+from adaptune.training.trainer import Trainer, TrainingArguments
 from tests.tiny import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 quiet = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -237,7 +237,7 @@ def train_lora(tmp_path, name: str, packing: bool = False, grad_accum: int = 1, 
 @quiet
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_trainer_chunked_loss_and_micro_batches_train_exactly_as_plain(tmp_path, packing, monkeypatch):
-    import adaptune.loss as loss_module
+    import adaptune.speedups.loss as loss_module
 
     rows_seen = []
     real = loss_module.causal_lm_loss
@@ -288,7 +288,7 @@ def test_trainer_bf16_autocast_reaches_the_chunked_path(tmp_path):
 
 @quiet
 def test_trainer_falls_back_with_label_smoothing(tmp_path, monkeypatch):
-    import adaptune.loss as loss_module
+    import adaptune.speedups.loss as loss_module
 
     called = []
     monkeypatch.setattr(loss_module, "causal_lm_loss", lambda *a, **k: called.append(1))
@@ -315,7 +315,7 @@ def test_packed_block_trains_as_its_examples_under_the_trainer(tmp_path):
 
 
 def test_batch_packing_collator_gives_the_padded_batch_loss_and_gradients():
-    from adaptune.batching import BatchPackingCollator
+    from adaptune.data.batch_packing import BatchPackingCollator
 
     rows = rows_dataset(6)
     padded = DataCollator(0, packing=False)(rows)
@@ -368,7 +368,7 @@ def test_lora_forward_is_base_plus_scaled_delta(dropout):
         layer.train(training)
         torch.manual_seed(3)
         got = layer(x)
-        torch.manual_seed(3)  # training: the same keep-mask adaptune.fused draws
+        torch.manual_seed(3)  # training: the same keep-mask adaptune.speedups.fused draws
         xd = x * dropout_mask(x, dropout) / (1 - dropout) if training and dropout else x
         ref = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](xd)) * layer.scaling("default")
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
@@ -380,7 +380,7 @@ def test_lora_forward_is_base_plus_scaled_delta(dropout):
 
 @quiet
 def test_compiled_layers_with_packed_attention_train_exactly_as_plain(tmp_path):
-    """compile_layers traces adaptune.attention too: packed rows still attend example by example."""
+    """compile_layers traces adaptune.speedups.attention too: packed rows still attend example by example."""
     _, ref_losses, ref_w = train_lora(tmp_path, "plain", True, chunked_loss=False, fused_mlp_activation=False,
                                       fused_rms_norm=False, packed_attention=False)
     trainer, losses, w = train_lora(tmp_path, "compiled", True, compile_layers=True)

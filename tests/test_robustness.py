@@ -293,9 +293,9 @@ def test_known_architecture_with_an_auto_map_loads_without_running_its_code(mode
 def test_trust_remote_code_is_off_unless_asked():
     import inspect
 
-    from adaptune import models
+    from adaptune import hub as models
     from adaptune.cli import build_parser, job_from_args
-    from adaptune.recipe import TrainJob
+    from adaptune.training.job import TrainJob
 
     for fn in (models.load_model, models.load_tokenizer, models.load_config):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False
@@ -310,7 +310,7 @@ def test_trust_remote_code_is_off_unless_asked():
 
 
 def test_adapter_reader_never_unpickles_by_default(good_adapter, tmp_path, monkeypatch):
-    from adaptune.checkpoint import read_adapter_tensors
+    from adaptune.tuners.lora.files import read_adapter_tensors
 
     folder, _ = _pickle_adapter(good_adapter, tmp_path, malicious=False)
 
@@ -438,7 +438,7 @@ def test_bad_train_yaml_gives_one_line(case, tmp_path, capsys):
 
 
 def test_yaml_number_written_as_1e_minus_3_is_a_number(tmp_path):
-    from adaptune.recipe import TrainJob
+    from adaptune.training.job import TrainJob
 
     config = tmp_path / "job.yaml"
     config.write_text("lr: 1e-3\n")  # YAML 1.1 (PyYAML) reads this as the string '1e-3'
@@ -576,7 +576,7 @@ def test_every_direct_file_write_in_adaptune_is_atomic():
 
 
 def test_adaptune_error_is_the_one_base_class():
-    from adaptune.callbacks import TrainingDiverged
+    from adaptune.training.callbacks import TrainingDiverged
 
     assert issubclass(TrainingDiverged, AdaptuneError)
 

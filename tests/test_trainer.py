@@ -1,4 +1,4 @@
-"""adaptune.trainer / adaptune.callbacks: transformers' Trainer with adaptune's fallbacks and callbacks.
+"""adaptune.training.trainer / adaptune.callbacks: transformers' Trainer with adaptune's fallbacks and callbacks.
 
 The adapter models here are adaptune's own (the tutorial's GPT-2 q/v slices), with the
 same API as peft.
@@ -17,11 +17,11 @@ from torch.utils.data import TensorDataset
 from transformers import TrainerCallback
 from transformers import trainer_callback as hf_callbacks
 
-from adaptune import trainer as trainer_module
+from adaptune.training import trainer as trainer_module
 from adaptune.atomic import read_jsonl
-from adaptune.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, TrainingDiverged
+from adaptune.training.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, TrainingDiverged
 from adaptune.errors import ConfigError, DataError, EnvironmentProblem
-from adaptune.trainer import (
+from adaptune.training.trainer import (
     AdaptuneWarning,
     LabelsAndTuplesCollator,
     Trainer,
@@ -32,7 +32,7 @@ from tests.tiny import tiny_gpt2
 
 ON_CPU_ONLY = trainer_module._accelerator_type() is None
 # For tests about something else than the fallback warnings themselves.
-quiet = pytest.mark.filterwarnings("ignore::adaptune.trainer.AdaptuneWarning")
+quiet = pytest.mark.filterwarnings("ignore::adaptune.training.trainer.AdaptuneWarning")
 
 
 

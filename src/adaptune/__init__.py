@@ -7,7 +7,7 @@ A peft user changes only the import line::
 
 from __future__ import annotations
 
-from .allocator import cap_onednn_caches
+from .speedups.allocator import cap_onednn_caches
 from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -29,7 +29,7 @@ from .config import (
     TaskType,
 )
 from .errors import AdaptuneError
-from .model import (
+from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -82,15 +82,15 @@ __all__ = [
 def __getattr__(name: str):
     """Trainer and friends import transformers' training stack; load them only when asked."""
     if name in ("Trainer", "TrainingArguments"):
-        from . import trainer
+        from .training import trainer
 
         return getattr(trainer, name)
     if name == "prepare_model_for_kbit_training":
-        from .quant import prepare_model_for_kbit_training
+        from .quant.bnb import prepare_model_for_kbit_training
 
         return prepare_model_for_kbit_training
     if name in ("load_model", "load_tokenizer", "load_model_and_tokenizer"):
-        from . import models
+        from . import hub
 
-        return getattr(models, name)
+        return getattr(hub, name)
     raise AttributeError(f"module 'adaptune' has no attribute {name!r}")

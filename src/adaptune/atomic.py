@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from adaptune.errors import DataError, EnvironmentProblem
+from .errors import DataError, EnvironmentProblem
 
 __all__ = [
     "append_jsonl",

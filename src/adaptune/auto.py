@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError
-from .model import PeftModel, resolve_adapter_folder
+from .peft_model import PeftModel, resolve_adapter_folder
 
 __all__ = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
            "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",
@@ -30,7 +30,7 @@ class AutoPeftModel:
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
                         revision: str | None = None, **kwargs: Any) -> PeftModel:
-        from .models import _task_key, auto_class_for_task, load_model, names_embedded_default
+        from .hub import _task_key, auto_class_for_task, load_model, names_embedded_default
 
         folder = resolve_adapter_folder(pretrained_model_name_or_path)
         peft_config = config or PeftConfig.from_pretrained(folder)

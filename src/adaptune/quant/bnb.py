@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError, EnvironmentProblem
+from ..errors import ConfigError, EnvironmentProblem
 
 QUANT_KINDS = ("linear4bit", "linear8bitlt")
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
@@ -397,7 +397,7 @@ def quantize_linears(model: nn.Module, quantize: str = "nf4", int8_modules: Sequ
     ``modules_to_save`` trains. ``int8_modules`` match as ``rank_pattern`` keys do (a name or
     regex that the end of the module path matches).
     """
-    from .targets import pattern_key
+    from ..tuners.targets import pattern_key
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     count = 0

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from adaptune.errors import ConfigError, EnvironmentProblem
+from .errors import ConfigError, EnvironmentProblem
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM"
         # transformers dequantizes GGUF weights into ordinary float layers but keeps a "gguf"
         # quantizer on the model (its Trainer then refuses full fine-tuning, save_pretrained
         # writes a quantization_config): the weights are plain floats, so drop the marker.
-        from .quant import forget_quantization
+        from .quant.bnb import forget_quantization
 
         forget_quantization(model)
     if quantization_config is None and dev.type != "cpu":

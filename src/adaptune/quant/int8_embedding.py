@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["Int8Embedding", "Int8Head", "int8_rows_matmul", "quantize_rows", "quantize_embeddings",
            "dequantize_embeddings"]

@@ -40,8 +40,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from .checkpoint import clean_path, disk_tensors, tensor_reader
-from .config import (
+from ..lora.files import clean_path, disk_tensors, tensor_reader
+from ...config import (
     PeftType,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -49,8 +49,8 @@ from .config import (
     PromptTuningConfig,
     TaskType,
 )
-from .errors import AdapterFileError, ConfigError
-from .lora import ModulesToSaveWrapper
+from ...errors import AdapterFileError, ConfigError
+from ..lora.layer import ModulesToSaveWrapper
 
 # Heads a task trains in full and saves with the adapter (peft's names).
 TASK_HEADS: dict[TaskType, tuple[str, ...]] = {TaskType.SEQ_CLS: ("classifier", "score")}

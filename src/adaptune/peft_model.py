@@ -16,12 +16,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint
+from .tuners.lora import files as checkpoint
 from .config import LoraConfig, PeftConfig, TaskType
 from .errors import AdapterFileError, ConfigError
-from .lora import LoraLayer, row_adapters
-from .trainer_checkpoints import teach_transformers_trainer
-from .tuner import LoraModel
+from .tuners.lora.layer import LoraLayer, row_adapters
+from .training.checkpoints import teach_transformers_trainer
+from .tuners.lora.model import LoraModel
 
 
 def _check_task_fits(model: nn.Module, task_type: TaskType | None) -> None:
@@ -77,7 +77,7 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = _name_of(model)
         self.peft_type = peft_config.peft_type
         if peft_config.is_prompt_learning:
-            from .prompt import PromptLearning
+            from .tuners.prompt.model import PromptLearning
 
             self.base_model = model
             self._prompt = PromptLearning(self, peft_config, adapter_name)

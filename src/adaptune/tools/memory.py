@@ -92,7 +92,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from adaptune.errors import ConfigError
+from ..errors import ConfigError
 
 METHODS = ("full", "lora", "qlora")
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=True)
@@ -129,7 +129,7 @@ class MemoryEstimate:
 def _dtype(value: Any) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
-    from adaptune.models import parse_dtype
+    from ..hub import parse_dtype
 
     return parse_dtype(value)
 
@@ -203,7 +203,7 @@ def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
 
 def _as_meta_model(config_or_model: Any, trust_remote_code: bool = False) -> nn.Module:
     if isinstance(config_or_model, (str, os.PathLike)):
-        from adaptune.models import load_config
+        from ..hub import load_config
 
         config_or_model = load_config(config_or_model, trust_remote_code=trust_remote_code)
     if isinstance(config_or_model, nn.Module):
@@ -238,7 +238,7 @@ def _match_targets(model: nn.Module, target_modules: Any) -> dict[str, list[tupl
     """Module name -> ``(in, out)`` of each LoRA pair on it, chosen as adaptune's LoRA chooses
     (``adaptune.targets.resolve_targets``: peft's matching, per-architecture defaults for
     ``None``, and GPT-2's ``q_attn``/``k_attn``/``v_attn`` slices of ``c_attn``)."""
-    from adaptune.targets import resolve_targets
+    from ..tuners.targets import resolve_targets
 
     found: dict[str, list[tuple[int, int]]] = {}
     for t in resolve_targets(model, target_modules):
@@ -462,7 +462,7 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     # -- activations, bytes per token
     tokens = batch_size * seq_len
     if device is None:
-        from adaptune.models import pick_device
+        from ..hub import pick_device
 
         device = pick_device()
     cuda = torch.device(device).type == "cuda"

@@ -24,8 +24,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback as _TransformersProgressCallback
 from transformers.utils import logging as hf_logging
 
-from adaptune.atomic import append_jsonl, atomic_path, atomic_write_text, read_jsonl
-from adaptune.errors import AdaptuneError
+from ..atomic import append_jsonl, atomic_path, atomic_write_text, read_jsonl
+from ..errors import AdaptuneError
 
 logger = hf_logging.get_logger(__name__)
 

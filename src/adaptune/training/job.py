@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 METHODS = ("lora", "dora", "qlora", "prompt-tuning", "p-tuning", "prefix-tuning", "full")
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
@@ -100,7 +100,7 @@ class TrainJob:
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        from .targets import parse_targets  # here: the CLI builds its parser from this class
+        from ..tuners.targets import parse_targets  # here: the CLI builds its parser from this class
 
         self.targets = parse_targets(self.targets)
 
@@ -160,7 +160,7 @@ def _check_job_types(job: TrainJob) -> None:
     """
     import typing
 
-    from .config import _conforms, _describe_hint
+    from ..config import _conforms, _describe_hint
 
     hints = typing.get_type_hints(type(job))
     for f in dataclasses.fields(job):
@@ -178,7 +178,7 @@ def _check_job_types(job: TrainJob) -> None:
 
 def adapter_config_for(job: TrainJob, model: torch.nn.Module):
     """The peft-style config the method asks for (None for full fine-tuning)."""
-    from .config import (LoftQConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+    from ..config import (LoftQConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
                          TaskType)
 
     if job.method in ("lora", "dora", "qlora"):
@@ -211,26 +211,26 @@ def load_base(job: TrainJob):
     LoftQ is to choose what each adapted layer stores: then the full-precision model is loaded and
     quantized in memory (``quant.quantize_linears``; with LoftQ by ``wrap_model``).
     """
-    from .models import load_model_and_tokenizer
+    from ..hub import load_model_and_tokenizer
 
     quantize = job.quantize_kind
     in_memory = bool(quantize and (job.int8_modules or job.lora_init == "loftq"))
     kwargs: dict[str, Any] = {"dtype": job.dtype}
     if quantize and not in_memory:
-        from .quant import bnb_config
+        from ..quant.bnb import bnb_config
 
         kwargs["quantization_config"] = bnb_config(quantize)
     model, tokenizer = load_model_and_tokenizer(job.model, trust_remote_code=job.trust_remote_code, **kwargs)
     if in_memory and job.lora_init != "loftq":
-        from .quant import quantize_linears
+        from ..quant.bnb import quantize_linears
 
         quantize_linears(model, quantize, job.int8_modules or ())
     if quantize:
-        from .quant import prepare_model_for_kbit_training
+        from ..quant.bnb import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.gradient_checkpointing)
     if job.quantize_embeddings:
-        from .int8_embedding import quantize_embeddings
+        from ..quant.int8_embedding import quantize_embeddings
 
         quantize_embeddings(model)
     return model, tokenizer
@@ -238,7 +238,7 @@ def load_base(job: TrainJob):
 
 def wrap_model(job: TrainJob, model: torch.nn.Module):
     """Apply the method: a PeftModel for adapters, the model itself (all trainable) for ``full``."""
-    from .model import get_peft_model
+    from ..peft_model import get_peft_model
 
     config = adapter_config_for(job, model)
     if config is None:
@@ -247,7 +247,7 @@ def wrap_model(job: TrainJob, model: torch.nn.Module):
         return model
     peft_model = get_peft_model(model, config)
     if job.lora_init == "loftq":  # LoftQ quantized the adapted layers; the others are quantized plainly
-        from .quant import keep_trainable_layout, quantize_linears, release_checkpoint_mapping
+        from ..quant.bnb import keep_trainable_layout, quantize_linears, release_checkpoint_mapping
 
         quantize_linears(peft_model.get_base_model(), job.quantize_kind, job.int8_modules or ())
         release_checkpoint_mapping(model)
@@ -327,11 +327,11 @@ def _refuse_sharded_launch() -> None:
 
 def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
-    from .atomic import atomic_write_json, atomic_write_text, check_writable, remove_temporaries
-    from .data import (DataCollator, build_datasets, check_data_file, default_data_path, pad_token_id_for,
+    from ..atomic import atomic_write_json, atomic_write_text, check_writable, remove_temporaries
+    from ..data.examples import (DataCollator, build_datasets, check_data_file, default_data_path, pad_token_id_for,
                        supports_packing)
-    from .evaluation import perplexity
-    from .generation import generate_text
+    from ..tools.evaluation import perplexity
+    from ..tools.generation import generate_text
     from .trainer import Trainer, TrainingArguments
 
     started = time.time()
@@ -411,7 +411,7 @@ def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
         result["steps"] = finished["global_step"]
         result["train_loss"] = _logged_train_loss(finished)
         if (out / "metrics.jsonl").is_file():
-            from .atomic import read_jsonl
+            from ..atomic import read_jsonl
             from .callbacks import plot_losses
 
             plot_losses(read_jsonl(out / "metrics.jsonl"), out / "loss.png")
@@ -533,7 +533,7 @@ class _adapter_off:
 
 def _save_final(model: Any, tokenizer: Any, out: Path) -> None:
     """The adapter (or, for full fine-tuning, the whole model) and the tokenizer, each atomically."""
-    from .atomic import atomic_directory
+    from ..atomic import atomic_directory
 
     if hasattr(model, "peft_config"):
         model.save_pretrained(out)
@@ -549,7 +549,7 @@ ENCODER_STATE = "prompt_encoder_state.safetensors"
 
 def _reparameterised(model: Any) -> bool:
     """Whether the adapter trains a network (P-tuning's MLP/LSTM) whose output alone is the peft file."""
-    from .config import PromptEncoderConfig
+    from ..config import PromptEncoderConfig
 
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
     return isinstance(config, PromptEncoderConfig) or bool(getattr(config, "prefix_projection", False))
@@ -569,8 +569,8 @@ def _encoder_checkpoint_trainer():
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             super()._save(output_dir, state_dict)
             if self.args.should_save:
-                from .atomic import atomic_save_safetensors
-                from .checkpoint import disk_tensors
+                from ..atomic import atomic_save_safetensors
+                from ..tuners.lora.files import disk_tensors
 
                 model = self.accelerator.unwrap_model(self.model)
                 encoder = model.prompt_encoder[model.active_adapter]

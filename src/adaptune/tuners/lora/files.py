@@ -20,10 +20,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from .config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraConfig
-from .errors import AdapterFileError
-from .lora import LoraLayer, check_shape
-from .targets import pattern_key
+from ...config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraConfig
+from ...errors import AdapterFileError
+from .layer import LoraLayer, check_shape
+from ..targets import pattern_key
 
 PREFIX = "base_model.model."
 
@@ -223,7 +223,7 @@ def config_from_disk(config: LoraConfig) -> LoraConfig:
 
 
 def _slice_names_of(tuner, leaf: str, slices, out_features: int) -> tuple[str, ...]:
-    from .tuner import fused_slice_names
+    from .model import fused_slice_names
 
     all_names = fused_slice_names(tuner.model)[leaf]
     size = out_features // len(all_names)
@@ -384,7 +384,7 @@ def _unpickling_problem(exc: Exception) -> str:
 
 
 def write_adapter_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from .atomic import atomic_save_safetensors
+    from ...atomic import atomic_save_safetensors
 
     tensors = {k: (v.clone() if _shares_storage(v, tensors) else v) for k, v in tensors.items()}
     atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})

@@ -53,12 +53,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 from transformers.utils import logging as hf_logging
 from transformers.utils.generic import can_return_loss, find_labels
 
-from adaptune.atomic import check_writable
-from adaptune.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, StepStats, TrainingDiverged
-from adaptune.errors import ConfigError, DataError
-from adaptune.trainer_checkpoints import active_adapter as _active_adapter
-from adaptune.trainer_checkpoints import adapter_base as _adapter_base
-from adaptune.trainer_checkpoints import load_adapter_checkpoint, save_adapter_checkpoint
+from ..atomic import check_writable
+from .callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, StepStats, TrainingDiverged
+from ..errors import ConfigError, DataError
+from .checkpoints import active_adapter as _active_adapter
+from .checkpoints import adapter_base as _adapter_base
+from .checkpoints import load_adapter_checkpoint, save_adapter_checkpoint
 
 logger = hf_logging.get_logger(__name__)
 
@@ -396,20 +396,20 @@ class Trainer(transformers.Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or True
         if getattr(self.args, "fused_mlp_activation", False) and self.model is not None:
-            from adaptune.fused import fuse_gated_mlps
+            from ..speedups.fused import fuse_gated_mlps
 
             fuse_gated_mlps(self.model)
         if getattr(self.args, "fused_rms_norm", False) and self.model is not None:
-            from adaptune.fused import fuse_rms_norms
+            from ..speedups.fused import fuse_rms_norms
 
             fuse_rms_norms(self.model)
         if getattr(self.args, "lean_autocast", False) and (self.args.bf16 or self.args.fp16) and self.model is not None:
-            from adaptune.autocast_linear import lean_autocast_linears
+            from ..speedups.autocast import lean_autocast_linears
 
             lean_autocast_linears(self.model)
         self._compile_layers()
         if getattr(self.args, "cpu_keep_freed_memory", False) and self.args.device.type == "cpu":
-            from adaptune.allocator import keep_freed_memory
+            from ..speedups.allocator import keep_freed_memory
 
             keep_freed_memory()
         with self._packed_attention():
@@ -426,7 +426,7 @@ class Trainer(transformers.Trainer):
         the run (yields how many configs were switched)."""
         if not getattr(self.args, "packed_attention", False) or self.model is None:
             return contextlib.nullcontext(0)
-        from adaptune.attention import packed_attention
+        from ..speedups.attention import packed_attention
 
         return packed_attention(self.model)
 
@@ -469,7 +469,7 @@ class Trainer(transformers.Trainer):
 
     def _chunked_loss_applies(self, model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
         """Whether adaptune.loss computes exactly the loss transformers would for this batch."""
-        from adaptune.loss import BODY_KEYS, supports_chunked_loss
+        from ..speedups.loss import BODY_KEYS, supports_chunked_loss
 
         if not getattr(self.args, "chunked_loss", False) or "labels" not in inputs:
             return False
@@ -492,7 +492,7 @@ class Trainer(transformers.Trainer):
         if return_outputs or not self._chunked_loss_applies(model, inputs):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        from adaptune.loss import causal_lm_loss
+        from ..speedups.loss import causal_lm_loss
 
         # As transformers: the model sees num_items_in_batch only when its forward takes loss kwargs.
         num = num_items_in_batch if self.model_accepts_loss_kwargs else None
@@ -520,7 +520,7 @@ class Trainer(transformers.Trainer):
         """``args.compile_layers``: torch.compile each decoder layer once (all share one graph)."""
         if not getattr(self.args, "compile_layers", False) or getattr(self, "_layers_compiled", False):
             return
-        from adaptune.loss import causal_lm_parts
+        from ..speedups.loss import causal_lm_parts
 
         parts = causal_lm_parts(self.model)
         layers = getattr(parts[1], "layers", None) if parts is not None else None

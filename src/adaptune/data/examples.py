@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 FORMATS = ("text", "completion", "chat", "alpaca")

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from .errors import TargetError
+from ..errors import TargetError
 
 try:  # GPT-2 style layers that store W as (in, out)
     from transformers.pytorch_utils import Conv1D

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError
-from .fused import dropout_linear
-from .targets import in_out_features, module_kind
+from ...errors import AdapterFileError, ConfigError
+from ...speedups.fused import dropout_linear
+from ..targets import in_out_features, module_kind
 
 BASE_ROW = "__base__"  # adapter name meaning "no adapter" in mixed batches (peft's)
 
@@ -208,7 +208,7 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), dequantized when the base is 4/8-bit."""
         if self.kind in ("linear4bit", "linear8bitlt"):
-            from .quant import dequantize_weight
+            from ...quant.bnb import dequantize_weight
 
             return dequantize_weight(self.base_layer)
         w = self.base_layer.weight

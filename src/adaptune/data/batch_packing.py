@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import DataCollator, Example, pack_examples
+from .examples import DataCollator, Example, pack_examples
 
 __all__ = ["BatchPackingCollator"]
 

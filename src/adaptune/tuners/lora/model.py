@@ -14,10 +14,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .config import LoraConfig, TaskType
-from .errors import ConfigError
-from .lora import AdapterSpec, LoraLayer, ModulesToSaveWrapper
-from .targets import (DEFAULT_TARGETS, FUSED_SLICES, Target, model_type, module_kind, pattern_key,
+from ...config import LoraConfig, TaskType
+from ...errors import ConfigError
+from .layer import AdapterSpec, LoraLayer, ModulesToSaveWrapper
+from ..targets import (DEFAULT_TARGETS, FUSED_SLICES, Target, model_type, module_kind, pattern_key,
                       resolve_targets)
 
 # Classifier heads that task types train in full and save with the adapter (peft's lists).
@@ -112,7 +112,7 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._set_trainable()
         if any(layer.kind in ("linear4bit", "linear8bitlt") for _, layer in self.lora_layers()):
-            from .quant import keep_trainable_layout
+            from ...quant.bnb import keep_trainable_layout
 
             keep_trainable_layout(self.model)  # see quant.py: bitsandbytes' CPU eval re-packing
 
@@ -270,7 +270,7 @@ class LoraModel(nn.Module):
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
         """A quantized (bitsandbytes) base comes back fully dequantized: a plain float model."""
         model = self._replace_wrappers(True, safe_merge, adapter_names)
-        from .quant import dequantize_model, has_quantized_layers
+        from ...quant.bnb import dequantize_model, has_quantized_layers
 
         if has_quantized_layers(model) or getattr(model, "is_loaded_in_4bit", False) \
                 or getattr(model, "is_loaded_in_8bit", False):
@@ -340,7 +340,7 @@ def _merged_base(layer: LoraLayer, names: Sequence[str], safe: bool) -> nn.Modul
     """The base module with ``names`` merged; a quantized base comes back as a float Linear."""
     weight = layer.merged_weight([n for n in names if n not in layer.merged_adapters], safe=safe)
     if layer.kind in ("linear4bit", "linear8bitlt"):
-        from .quant import float_linear_from
+        from ...quant.bnb import float_linear_from
 
         return float_linear_from(layer.base_layer, weight)
     layer._write_base_weight(weight)

@@ -66,7 +66,7 @@ def save_adapter_checkpoint(trainer: Any, output_dir: str | None, state_dict: di
 
     Under FSDP (full state dict) and DeepSpeed ZeRO-3, transformers passes the weights gathered from
     all processes as ``state_dict``; the adapter's tensors are taken from it."""
-    from .atomic import atomic_write_text
+    from ..atomic import atomic_write_text
 
     model = _adapter_model(trainer)
     if model is None or (not state_dict and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)):
@@ -106,7 +106,7 @@ def teach_transformers_trainer() -> None:
     trainer_cls = getattr(module, "Trainer", None)
     if trainer_cls is None or trainer_cls.__dict__.get("_adaptune_checkpoints"):
         return
-    from .model import PeftModel
+    from ..peft_model import PeftModel
 
     def ours(trainer: Any) -> bool:
         return isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)

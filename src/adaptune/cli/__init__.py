@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import AdaptuneError
+from ..errors import AdaptuneError
 
 EXIT_USER_ERROR = 2
 
@@ -74,8 +74,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def _load_for_inference(model_name: str | None, adapter: str | None, allow_pickle: bool = False,
                         trust_remote_code: bool = False):
     """Base (+ adapter) ready for generation or evaluation; the base defaults to the adapter's."""
-    from .model import PeftModel
-    from .models import load_model_and_tokenizer
+    from ..peft_model import PeftModel
+    from ..hub import load_model_and_tokenizer
 
     if adapter and model_name is None:
         model_name = _adapter_base_name(adapter)
@@ -88,8 +88,8 @@ def _load_for_inference(model_name: str | None, adapter: str | None, allow_pickl
 
 def _adapter_base_name(adapter: str) -> str | None:
     """The base an adapter was trained on, when it is a usable name (else the default model)."""
-    from .config import PeftConfig
-    from .models import names_embedded_default
+    from ..config import PeftConfig
+    from ..hub import names_embedded_default
 
     name = PeftConfig.from_pretrained(adapter).base_model_name_or_path
     return None if not name or names_embedded_default(name) else name
@@ -97,7 +97,7 @@ def _adapter_base_name(adapter: str) -> str | None:
 
 # ---- train -------------------------------------------------------------------------------------
 def _train_parser(sub) -> None:
-    from .recipe import DEFAULT_LR, METHODS, TrainJob
+    from ..training.job import DEFAULT_LR, METHODS, TrainJob
 
     d = TrainJob()
     p = sub.add_parser("train", help="fine-tune a model (default: SmolLM2-135M on Shakespeare)",
@@ -150,7 +150,7 @@ def _train_parser(sub) -> None:
 
 
 def job_from_args(args: argparse.Namespace):
-    from .recipe import TrainJob
+    from ..training.job import TrainJob
 
     fields = {f.name for f in dataclasses.fields(TrainJob)}
     # None = not given; False from a --no-X switch is a choice (it must win over a YAML value too)
@@ -159,7 +159,7 @@ def job_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import run_train
+    from ..training.job import run_train
 
     run_train(job_from_args(args))
     # Only after a run that ended well: a failed rank's peers may still be inside a collective,
@@ -195,7 +195,7 @@ def _generate_parser(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import generate_text
+    from ..tools.generation import generate_text
 
     model, tokenizer = _load_for_inference(args.model, args.adapter, args.allow_pickle, args.trust_remote_code)
     generate_text(model, tokenizer, args.prompt, chat=args.chat, stream=True, max_new_tokens=args.max_new_tokens,
@@ -219,8 +219,8 @@ def _eval_parser(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import DataCollator, default_data_path, load_examples, pad_token_id_for
-    from .evaluation import perplexity
+    from ..data.examples import DataCollator, default_data_path, load_examples, pad_token_id_for
+    from ..tools.evaluation import perplexity
 
     model, tokenizer = _load_for_inference(args.model, args.adapter, args.allow_pickle, args.trust_remote_code)
     examples, report = load_examples(args.data or default_data_path(), tokenizer, args.max_length)
@@ -244,8 +244,8 @@ def _merge_parser(sub) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .atomic import atomic_directory, check_writable
-    from .errors import ConfigError
+    from ..atomic import atomic_directory, check_writable
+    from ..errors import ConfigError
 
     output = Path(args.output)
     if output.resolve() == Path(args.adapter).resolve():
@@ -280,7 +280,7 @@ def meta_model(name: str | None, trust_remote_code: bool = False):
     """The model's architecture on the meta device: no weights are read or downloaded."""
     import torch
 
-    from .models import auto_class_for_task, load_config
+    from ..hub import auto_class_for_task, load_config
 
     config = load_config(name, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -288,7 +288,7 @@ def meta_model(name: str | None, trust_remote_code: bool = False):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .targets import DEFAULT_TARGETS, FUSED_SLICES, describe_adaptable, model_type, parse_targets, resolve_targets
+    from ..tuners.targets import DEFAULT_TARGETS, FUSED_SLICES, describe_adaptable, model_type, parse_targets, resolve_targets
 
     model = meta_model(args.model, trust_remote_code=args.trust_remote_code)
     mtype = model_type(model)
@@ -306,7 +306,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     trainable = 0
     for t in chosen:
         module = model.get_submodule(t.name)
-        from .targets import in_out_features
+        from ..tuners.targets import in_out_features
 
         fin, fout = in_out_features(module)
         if t.slices:
@@ -317,7 +317,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"LoRA r={args.r} on {label}: {len(chosen)} layers, trainable params: {trainable:,d} "
           f"|| all params: {total + trainable:,d} || trainable%: {100 * trainable / (total + trainable):.4f}")
     if args.memory:
-        from .memory import estimate_training_memory, format_estimates
+        from ..tools.memory import estimate_training_memory, format_estimates
 
         kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, r=args.r)
         if targets is not None:

@@ -1,0 +1,1 @@
+"""Tools around a trained model: memory estimate, evaluation, generation."""

@@ -1,0 +1,1 @@
+"""Training: the Trainer, its callbacks and checkpoints, and the `adaptune train` job."""

@@ -1,0 +1,1 @@
+"""Adapter methods: which layers to adapt (targets), LoRA and its variants, prompt learning."""

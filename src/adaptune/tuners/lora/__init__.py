@@ -1,0 +1,1 @@
+"""LoRA, DoRA and rsLoRA: the layer, the tuner that injects it, its files, LoftQ."""

@@ -1,0 +1,1 @@
+"""Prompt tuning, P-tuning and prefix tuning."""
