@@ -38,14 +38,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
 import torch  # noqa: E402
 
 
 def build(tokens: int, fused: bool):
     from adaptune import LoraConfig, get_peft_model
-    from adaptune.speedups.fused import fuse_gated_mlps, unfuse_gated_mlps
     from adaptune.hub import load_model
+    from adaptune.speedups.fused import fuse_gated_mlps, unfuse_gated_mlps
 
     torch.manual_seed(0)
     model = load_model(None, dtype=torch.float32)

@@ -22,7 +22,6 @@ from tests.tiny import (  # noqa: E402
     tiny_t5,
 )
 
-
 # Tiny models run fastest on one thread; two threads on CI's two cores mostly wait on each other.
 torch.set_num_threads(1)
 

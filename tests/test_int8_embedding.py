@@ -8,10 +8,15 @@ from torch import nn
 
 from adaptune import LoraConfig, get_peft_model
 from adaptune.errors import ConfigError
-from adaptune.quant.int8_embedding import (Int8Embedding, Int8Head, dequantize_embeddings, quantize_embeddings,
-                                     quantize_rows)
-from adaptune.speedups.loss import causal_lm_loss
 from adaptune.quant.bnb import weight_bytes
+from adaptune.quant.int8_embedding import (
+    Int8Embedding,
+    Int8Head,
+    dequantize_embeddings,
+    quantize_embeddings,
+    quantize_rows,
+)
+from adaptune.speedups.loss import causal_lm_loss
 from tests.tiny import nonzero_lora_b, tiny_llama
 
 IDS = torch.tensor([[5, 9, 17, 33, 41, 7, 8, 60], [3, 11, 12, 50, 70, 90, 4, 6]])

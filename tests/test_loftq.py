@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from adaptune import LoftQConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from adaptune.errors import ConfigError  # noqa: E402
-from adaptune.tuners.lora.loftq import loftq_layer  # noqa: E402
 from adaptune.quant.bnb import (  # noqa: E402
     bnb_config,
     dequantize_weight,
@@ -29,6 +28,7 @@ from adaptune.quant.bnb import (  # noqa: E402
     quantized_linear_from,
 )
 from adaptune.training.job import TrainJob  # noqa: E402
+from adaptune.tuners.lora.loftq import loftq_layer  # noqa: E402
 from tests.test_qlora import ids, load_fp32, logits  # noqa: E402  (the same tiny model helpers)
 from tests.tiny import tiny_gpt2, tiny_llama  # noqa: E402
 

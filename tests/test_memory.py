@@ -19,10 +19,16 @@ import math
 import pytest
 import torch
 
-from adaptune.tools import memory
 from adaptune.errors import AdaptuneError, ConfigError, TargetError
-from adaptune.tools.memory import (MemoryEstimate, count_parameters, estimate_all,
-                             estimate_training_memory, format_estimates, nf4_bytes)
+from adaptune.tools import memory
+from adaptune.tools.memory import (
+    MemoryEstimate,
+    count_parameters,
+    estimate_all,
+    estimate_training_memory,
+    format_estimates,
+    nf4_bytes,
+)
 
 MiB = 2**20
 

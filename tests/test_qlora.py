@@ -19,8 +19,8 @@ pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from adaptune import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from adaptune.quant import bnb as quant  # noqa: E402
 from adaptune.errors import ConfigError, EnvironmentProblem  # noqa: E402
+from adaptune.quant import bnb as quant  # noqa: E402
 from adaptune.quant.bnb import (  # noqa: E402
     bnb_config,
     dequantize_weight,

@@ -17,10 +17,10 @@ from torch.utils.data import TensorDataset
 from transformers import TrainerCallback
 from transformers import trainer_callback as hf_callbacks
 
-from adaptune.training import trainer as trainer_module
 from adaptune.atomic import read_jsonl
-from adaptune.training.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, TrainingDiverged
 from adaptune.errors import ConfigError, DataError, EnvironmentProblem
+from adaptune.training import trainer as trainer_module
+from adaptune.training.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, TrainingDiverged
 from adaptune.training.trainer import (
     AdaptuneWarning,
     LabelsAndTuplesCollator,

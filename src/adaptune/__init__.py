@@ -7,7 +7,6 @@ A peft user changes only the import line::
 
 from __future__ import annotations
 
-from .speedups.allocator import cap_onednn_caches
 from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -41,6 +40,7 @@ from .peft_model import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from .speedups.allocator import cap_onednn_caches
 
 __version__ = "0.1.0"
 

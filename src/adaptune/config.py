@@ -97,7 +97,7 @@ class PeftConfig:
         atomic_write_json(Path(directory) / CONFIG_NAME, data, sort_keys=True, indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PeftConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> PeftConfig:
         """Build the right config class from a dict; unknown keys are dropped with a warning."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
@@ -126,7 +126,7 @@ class PeftConfig:
         return config
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, subfolder: str | None = None) -> "PeftConfig":
+    def from_pretrained(cls, directory: str | Path, subfolder: str | None = None) -> PeftConfig:
         path = Path(directory) / (subfolder or "") / CONFIG_NAME
         if not path.is_file():
             raise AdapterFileError(f"{path}: no adapter config here (is this an adapter folder?)")
@@ -165,7 +165,7 @@ def _conforms(value: Any, hint: Any) -> bool:
     return True
 
 
-def _check_field_types(config: "PeftConfig", source: str) -> None:
+def _check_field_types(config: PeftConfig, source: str) -> None:
     """Every field of a config read from a file holds a value of its declared type (ConfigError).
 
     The dataclasses accept anything from Python callers; a file is checked field by field, so a

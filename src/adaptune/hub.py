@@ -25,7 +25,8 @@ import os
 import pathlib
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -9,18 +9,19 @@ peft user calls (``save_pretrained``, ``from_pretrained``, ``merge_and_unload``,
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .tuners.lora import files as checkpoint
 from .config import LoraConfig, PeftConfig, TaskType
 from .errors import AdapterFileError, ConfigError
-from .tuners.lora.layer import LoraLayer, row_adapters
 from .training.checkpoints import teach_transformers_trainer
+from .tuners.lora import files as checkpoint
+from .tuners.lora.layer import LoraLayer, row_adapters
 from .tuners.lora.model import LoraModel
 
 
@@ -89,7 +90,7 @@ class PeftModel(nn.Module):
             self._make_inputs_require_grad()
         teach_transformers_trainer()
 
-    def train(self, mode: bool = True) -> "PeftModel":
+    def train(self, mode: bool = True) -> PeftModel:
         teach_transformers_trainer()  # a transformers.Trainer imported after the model was built
         return super().train(mode)
 
@@ -312,7 +313,7 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
                         allow_pickle: bool = False, subfolder: str | None = None,
-                        autocast_adapter_dtype: bool = True, **_: Any) -> "PeftModel":
+                        autocast_adapter_dtype: bool = True, **_: Any) -> PeftModel:
         """Load a saved adapter onto ``model``: eval mode and frozen unless ``is_trainable``."""
         folder = resolve_adapter_folder(model_id, subfolder)
         config = config or PeftConfig.from_pretrained(folder)

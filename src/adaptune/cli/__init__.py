@@ -13,9 +13,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from ..errors import AdaptuneError
 
@@ -74,8 +74,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def _load_for_inference(model_name: str | None, adapter: str | None, allow_pickle: bool = False,
                         trust_remote_code: bool = False):
     """Base (+ adapter) ready for generation or evaluation; the base defaults to the adapter's."""
-    from ..peft_model import PeftModel
     from ..hub import load_model_and_tokenizer
+    from ..peft_model import PeftModel
 
     if adapter and model_name is None:
         model_name = _adapter_base_name(adapter)
@@ -288,7 +288,14 @@ def meta_model(name: str | None, trust_remote_code: bool = False):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..tuners.targets import DEFAULT_TARGETS, FUSED_SLICES, describe_adaptable, model_type, parse_targets, resolve_targets
+    from ..tuners.targets import (
+        DEFAULT_TARGETS,
+        FUSED_SLICES,
+        describe_adaptable,
+        model_type,
+        parse_targets,
+        resolve_targets,
+    )
 
     model = meta_model(args.model, trust_remote_code=args.trust_remote_code)
     mtype = model_type(model)

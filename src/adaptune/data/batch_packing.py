@@ -12,7 +12,8 @@ step are then those of the padded batch; only the padding compute is gone. The m
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -42,7 +42,8 @@ from __future__ import annotations
 import functools
 import importlib
 import types
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ def require_bitsandbytes(device: str | torch.device | None = None):
     return bnb
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(device_type: str) -> str | None:
     """Quantize and dequantize a small block on ``device_type``; the error text, or None if it works."""
     try:

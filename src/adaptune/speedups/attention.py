@@ -23,8 +23,9 @@ unchanged. :func:`packed_attention` switches a model from ``sdpa`` to this for a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F

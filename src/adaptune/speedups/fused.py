@@ -33,7 +33,8 @@ modules whose output a probe shows to be bit-identical.
 from __future__ import annotations
 
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -14,9 +14,10 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -125,7 +126,7 @@ class TrainJob:
                 raise ConfigError(f"--loftq-iter must be a positive integer, got {self.loftq_iter!r}")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainJob":
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainJob:
         """A YAML mapping of the same field names; command-line overrides win."""
         import yaml
 
@@ -178,8 +179,7 @@ def _check_job_types(job: TrainJob) -> None:
 
 def adapter_config_for(job: TrainJob, model: torch.nn.Module):
     """The peft-style config the method asks for (None for full fine-tuning)."""
-    from ..config import (LoftQConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-                         TaskType)
+    from ..config import LoftQConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
     if job.method in ("lora", "dora", "qlora"):
         loftq: dict[str, Any] = {}
@@ -328,8 +328,14 @@ def _refuse_sharded_launch() -> None:
 def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
     from ..atomic import atomic_write_json, atomic_write_text, check_writable, remove_temporaries
-    from ..data.examples import (DataCollator, build_datasets, check_data_file, default_data_path, pad_token_id_for,
-                       supports_packing)
+    from ..data.examples import (
+        DataCollator,
+        build_datasets,
+        check_data_file,
+        default_data_path,
+        pad_token_id_for,
+        supports_packing,
+    )
     from ..tools.evaluation import perplexity
     from ..tools.generation import generate_text
     from .trainer import Trainer, TrainingArguments

@@ -54,8 +54,8 @@ from transformers.utils import logging as hf_logging
 from transformers.utils.generic import can_return_loss, find_labels
 
 from ..atomic import check_writable
-from .callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, StepStats, TrainingDiverged
 from ..errors import ConfigError, DataError
+from .callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, StepStats, TrainingDiverged
 from .checkpoints import active_adapter as _active_adapter
 from .checkpoints import adapter_base as _adapter_base
 from .checkpoints import load_adapter_checkpoint, save_adapter_checkpoint

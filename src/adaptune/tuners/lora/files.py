@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
 from ...config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraConfig
 from ...errors import AdapterFileError
-from .layer import LoraLayer, check_shape
 from ..targets import pattern_key
+from .layer import LoraLayer, check_shape
 
 PREFIX = "base_model.model."
 

@@ -27,9 +27,9 @@ Names and shapes follow peft (``lora_A.<adapter>.weight`` is (r, in), ``lora_B``
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F

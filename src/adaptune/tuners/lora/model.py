@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ...config import LoraConfig, TaskType
 from ...errors import ConfigError
+from ..targets import DEFAULT_TARGETS, FUSED_SLICES, Target, model_type, module_kind, pattern_key, resolve_targets
 from .layer import AdapterSpec, LoraLayer, ModulesToSaveWrapper
-from ..targets import (DEFAULT_TARGETS, FUSED_SLICES, Target, model_type, module_kind, pattern_key,
-                      resolve_targets)
 
 # Classifier heads that task types train in full and save with the adapter (peft's lists).
 TASK_HEADS: dict[TaskType, tuple[str, ...]] = {

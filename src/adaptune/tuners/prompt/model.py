@@ -34,13 +34,13 @@ import dataclasses
 import inspect
 import math
 import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..lora.files import clean_path, disk_tensors, tensor_reader
 from ...config import (
     PeftType,
     PrefixTuningConfig,
@@ -50,6 +50,7 @@ from ...config import (
     TaskType,
 )
 from ...errors import AdapterFileError, ConfigError
+from ..lora.files import clean_path, disk_tensors, tensor_reader
 from ..lora.layer import ModulesToSaveWrapper
 
 # Heads a task trains in full and saves with the adapter (peft's names).
