@@ -113,7 +113,7 @@ def matmul_gflops(n: int = 1024, seconds: float = 2.0, dtype: str = "float32") -
 
 
 def shakespeare_words() -> list[str]:
-    from adaptune.data.examples import default_data_path
+    from adaptune.data import default_data_path
 
     return default_data_path().read_text(encoding="utf-8").split()
 

@@ -3,7 +3,7 @@
     python bench/methods.py                          # 16 steps of 4 x 64 tokens, every method
     python bench/methods.py --steps 10 --methods lora,full
 
-Every method runs ``adaptune.training.job.run_train`` (what ``adaptune train`` runs) with the same data,
+Every method runs ``adaptune.training.run.run_train`` (what ``adaptune train`` runs) with the same data,
 steps, batch, length and seed; only the method and its learning rate differ (``recipe.DEFAULT_LR``,
 the defaults ``adaptune train`` uses; ``--lr method=value`` to override). Each method runs in its
 own subprocess so that its memory is its own:
@@ -51,7 +51,8 @@ ALL_METHODS = ("full", "lora", "dora", "prompt-tuning", "p-tuning", "prefix-tuni
 # ---- one method, in a subprocess --------------------------------------------------------------------
 def child(args: argparse.Namespace) -> None:
     import adaptune.training.trainer as trainer_module
-    from adaptune.training.job import TrainJob, run_train
+    from adaptune.training.job import TrainJob
+    from adaptune.training.run import run_train
 
     if args.threads:
         import torch
@@ -120,7 +121,7 @@ def table(rows: list[dict]) -> str:
 
 
 def parent(args: argparse.Namespace) -> None:
-    from adaptune.training.job import DEFAULT_LR
+    from adaptune.training.methods import DEFAULT_LR
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(ALL_METHODS))

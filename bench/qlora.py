@@ -95,7 +95,7 @@ def prepare(workdir: Path, args) -> dict:
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
-    from adaptune.quant.bnb import forget_quantization
+    from adaptune.quant.dequant import forget_quantization
 
     forget_quantization(model)  # the GGUF tensors are fp32 now; transformers still calls it "gguf"
     model.save_pretrained(workdir / "fp32")
@@ -142,7 +142,8 @@ def perplexity(model, val: torch.Tensor, batch: int) -> float:
 def worker(variant: str, workdir: Path, args) -> dict:
     """Build the model with ``adaptune train``'s own functions for these options, then train and measure."""
     from adaptune.quant.bnb import weight_bytes
-    from adaptune.training.job import TrainJob, load_base, wrap_model
+    from adaptune.training.job import TrainJob
+    from adaptune.training.methods import load_base, wrap_model
 
     job = TrainJob(model=str(workdir / "fp32"), r=8, alpha=16.0, dropout=0.0, dtype="float32",
                    targets=args.targets[0] if args.targets == ["all-linear"] else args.targets,

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 def build(tokens: int, fused: bool):
     from adaptune import LoraConfig, get_peft_model
     from adaptune.hub import load_model
-    from adaptune.speedups.fused import fuse_gated_mlps, unfuse_gated_mlps
+    from adaptune.speedups.swiglu import fuse_gated_mlps, unfuse_gated_mlps
 
     torch.manual_seed(0)
     model = load_model(None, dtype=torch.float32)

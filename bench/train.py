@@ -147,8 +147,8 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
                                        train_dataset=train, data_collator=collator)
     else:
         from adaptune import LoraConfig, Trainer, TrainingArguments, get_peft_model
+        from adaptune.data import DataCollator, Example, pack_examples
         from adaptune.data.batch_packing import BatchPackingCollator
-        from adaptune.data.examples import DataCollator, Example, pack_examples
 
         peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **common.LORA))
         micro = None if tool == "adaptune-whole" else micro_batch_tokens

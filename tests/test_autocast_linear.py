@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerCallback
 
 from adaptune.speedups.autocast import frozen_linear, lean_autocast_linears, restore_autocast_linears
 from adaptune.tuners.lora.layer import LoraLayer
@@ -77,11 +78,28 @@ def test_switch_covers_plain_linears_and_lora_bases_and_is_undone():
     assert not any("forward" in vars(m) for m in linears)
 
 
+class _SwitchedLinears(TrainerCallback):
+    """How many plain linears run a switched forward while the Trainer trains."""
+
+    def __init__(self):
+        self.during = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.during = _switched_linears(model)
+
+
+def _switched_linears(model) -> int:
+    return sum("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)
+
+
 def test_trainer_bf16_trains_as_autocast_with_lean_linears(tmp_path):
-    runs = {lean: train_lora(tmp_path, f"lean-{lean}", bf16=True, lean_autocast=lean) for lean in (False, True)}
+    seen = {lean: _SwitchedLinears() for lean in (False, True)}
+    runs = {lean: train_lora(tmp_path, f"lean-{lean}", bf16=True, lean_autocast=lean, callbacks=[seen[lean]])
+            for lean in (False, True)}
     for lean, (trainer, _, _) in runs.items():
-        switched = sum("forward" in vars(m) for m in trainer.model.modules() if type(m) is nn.Linear)
+        switched = seen[lean].during
         assert (switched > 0) == lean
+        assert _switched_linears(trainer.model) == 0  # given back as it came
     (_, losses, weights), (_, ref_losses, ref_weights) = runs[True], runs[False]
     assert len(losses) == 3 and losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_dicts(weights, ref_weights, rtol=1e-4, atol=1e-6)

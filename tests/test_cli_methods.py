@@ -129,7 +129,7 @@ def test_full_fine_tuning_changes_base_weights_and_writes_a_loadable_model(model
 def test_perplexity_skips_the_virtual_tokens_logits():
     """Prompt tuning returns logits for its virtual tokens first; perplexity scores the input's only."""
     from adaptune import PromptTuningConfig, get_peft_model
-    from adaptune.data.examples import DataCollator
+    from adaptune.data import DataCollator
     from adaptune.tools.evaluation import perplexity
 
     model = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=NVT, task_type="CAUSAL_LM"))
@@ -144,7 +144,8 @@ def test_perplexity_skips_the_virtual_tokens_logits():
 
 
 def test_method_defaults_and_bad_combinations(model_dir, capsys):
-    from adaptune.training.job import DEFAULT_LR, TrainJob
+    from adaptune.training.job import TrainJob
+    from adaptune.training.methods import DEFAULT_LR
 
     assert TrainJob(method="full").lr == DEFAULT_LR["full"] < TrainJob().lr < TrainJob(method="prompt-tuning").lr
     assert TrainJob(method="full", lr=0.5).lr == 0.5
@@ -155,7 +156,7 @@ def test_method_defaults_and_bad_combinations(model_dir, capsys):
 def test_prefix_starts_as_the_keys_and_values_of_real_tokens():
     """The recipe's prefix init: the untrained adapter is exactly the base model with those tokens in front."""
     from adaptune import PrefixTuningConfig, get_peft_model
-    from adaptune.training.job import init_prefix_from_text
+    from adaptune.tuners.prompt.init import init_prefix_from_text
 
     model = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=NVT, task_type="CAUSAL_LM"))
     init_prefix_from_text(model, [5, 9, 17])  # shorter than NVT: repeated

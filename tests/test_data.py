@@ -10,8 +10,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from adaptune.data import examples as data
-from adaptune.data.examples import IGNORE_INDEX, DataCollator, Example
+import adaptune.data as data
+from adaptune.data import IGNORE_INDEX, DataCollator, Example, packing, tokens
 from adaptune.errors import DataError
 from tests.tiny import make_tokenizer
 
@@ -105,9 +105,9 @@ def test_chunked_text_tokenization_equals_one_call(tmp_path, tokenizer, monkeypa
     lines = [" ".join(random.Random(i).choices(["the", "king", "lord", "love", "water"], k=7))
              for i in range(200)]
     text = "\n".join(lines) + "\n"
-    monkeypatch.setattr(data, "TEXT_CHUNK_CHARS", 100)
-    assert len(data._text_chunks(text, 100)) > 10
-    assert data._encode_long(tokenizer, text) == ids(tokenizer, text)
+    monkeypatch.setattr(tokens, "TEXT_CHUNK_CHARS", 100)
+    assert len(tokens._text_chunks(text, 100)) > 10
+    assert tokens.encode_long(tokenizer, text) == ids(tokenizer, text)
 
 
 class _PrefixEveryCall:
@@ -128,13 +128,13 @@ class _PrefixEveryCall:
 
 def test_chunking_falls_back_to_one_call_when_tokens_would_change(tokenizer, monkeypatch):
     text = "".join(f"the king {w}\n" for w in ["lord", "love", "water"] * 40)
-    monkeypatch.setattr(data, "TEXT_CHUNK_CHARS", 60)
+    monkeypatch.setattr(tokens, "TEXT_CHUNK_CHARS", 60)
     fake = _PrefixEveryCall(tokenizer)
-    assert data._encode_long(fake, text) == [3] + ids(tokenizer, text)
+    assert tokens.encode_long(fake, text) == [3] + ids(tokenizer, text)
 
 
 def test_bos_added_once_per_example_not_per_chunk(tmp_path, bos_tok, monkeypatch):
-    monkeypatch.setattr(data, "TEXT_CHUNK_CHARS", 30)
+    monkeypatch.setattr(tokens, "TEXT_CHUNK_CHARS", 30)
     bos = bos_tok.bos_token_id
     path = write(tmp_path, "t.txt", "the king and the lord\n" * 20)
     examples, _ = data.load_examples(path, bos_tok, max_length=64)
@@ -405,7 +405,7 @@ def test_first_fit_matches_the_plain_algorithm():
     rng = random.Random(0)
     for _ in range(30):
         lengths = [rng.randint(1, 32) for _ in range(rng.randint(1, 60))]
-        assert data._first_fit(lengths, 32) == _naive_first_fit(lengths, 32)
+        assert packing._first_fit(lengths, 32) == _naive_first_fit(lengths, 32)
 
 
 def test_pack_examples_keeps_examples_whole(tokenizer):

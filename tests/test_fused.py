@@ -1,4 +1,5 @@
-"""adaptune.fused: the lean autograd paths (LoRA dropout + A, SwiGLU, RMSNorm, the LoRA addmm) compute the same thing and keep less."""
+"""adaptune.speedups (dropout, swiglu, rms_norm): the lean autograd paths (LoRA dropout + A, SwiGLU,
+RMSNorm, the LoRA addmm) compute the same thing and keep less."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptune import LoraConfig, get_peft_model
-from adaptune.speedups.fused import dropout_linear, dropout_mask
+from adaptune.speedups.dropout import dropout_linear, dropout_mask
 from adaptune.tuners.lora.layer import LoraLayer
 from tests.tiny import nonzero_lora_b, tiny_llama
 
@@ -92,7 +93,7 @@ def test_lora_layer_in_training_uses_it_with_the_same_result():
 def test_swiglu_same_values_and_gradients_as_silu_times_up():
     g = torch.Generator().manual_seed(3)
     gate, up = torch.randn(2, 5, 32, generator=g) * 3, torch.randn(2, 5, 32, generator=g)
-    from adaptune.speedups.fused import swiglu
+    from adaptune.speedups.swiglu import swiglu
 
     got = _grads(lambda a, b: swiglu(a, b), gate, up)
     want = _grads(lambda a, b: F.silu(a) * b, gate, up)
@@ -108,7 +109,7 @@ def _swiglu_grads(reuse: bool, needs: tuple[bool, bool] = (True, True)):
     g = torch.Generator().manual_seed(5)
     gate = (torch.randn(3, 4, 48, generator=g) * 3).requires_grad_(needs[0])
     up = torch.randn(3, 4, 48, generator=g).requires_grad_(needs[1])
-    from adaptune.speedups.fused import swiglu
+    from adaptune.speedups.swiglu import swiglu
 
     # non-leaf inputs, as a model's gate_proj/up_proj outputs are
     gate_in, up_in = gate * 1.0, up * 1.0
@@ -133,7 +134,7 @@ def test_swiglu_reusing_its_inputs_gives_the_same_bits_in_their_memory(needs):
 
 
 def test_swiglu_reuse_refuses_a_second_backward_and_keeps_double_backward_right():
-    from adaptune.speedups.fused import swiglu
+    from adaptune.speedups.swiglu import swiglu
 
     gate, up = torch.randn(2, 8).requires_grad_(), torch.randn(2, 8).requires_grad_()
     out = swiglu(gate * 1.0, up * 1.0, reuse_inputs=True)
@@ -151,7 +152,7 @@ def test_swiglu_reuse_refuses_a_second_backward_and_keeps_double_backward_right(
 
 
 def test_swiglu_does_not_reuse_views_or_one_tensor_given_twice():
-    from adaptune.speedups.fused import swiglu
+    from adaptune.speedups.swiglu import swiglu
 
     both = torch.randn(2, 16, requires_grad=True) * 1.0
     gate, up = both[:, :8], both[:, 8:]  # views of one buffer, as a fused gate/up product would give
@@ -167,7 +168,7 @@ def test_swiglu_does_not_reuse_views_or_one_tensor_given_twice():
 
 
 def test_fused_mlp_leaves_outputs_a_forward_hook_holds_and_matches_the_plain_mlp():
-    from adaptune.speedups.fused import fuse_gated_mlps, unfuse_gated_mlps
+    from adaptune.speedups.swiglu import fuse_gated_mlps, unfuse_gated_mlps
 
     model = tiny_llama()
     mlp = model.model.layers[0].mlp
@@ -207,7 +208,7 @@ def _lora_llama_step(fuse, targets: list[str]):
 
 
 def test_fuse_gated_mlps_switches_llama_mlps_and_training_is_unchanged():
-    from adaptune.speedups.fused import fuse_gated_mlps, unfuse_gated_mlps
+    from adaptune.speedups.swiglu import fuse_gated_mlps, unfuse_gated_mlps
 
     def step(fuse: bool):
         return _lora_llama_step(fuse_gated_mlps if fuse else None, ["gate_proj", "v_proj"])
@@ -225,7 +226,7 @@ def test_fuse_gated_mlps_switches_llama_mlps_and_training_is_unchanged():
 
 
 def test_fuse_gated_mlps_leaves_other_mlps_alone():
-    from adaptune.speedups.fused import fuse_gated_mlps
+    from adaptune.speedups.swiglu import fuse_gated_mlps
     from tests.tiny import tiny_gpt2
 
     assert fuse_gated_mlps(tiny_gpt2()) == 0
@@ -237,7 +238,7 @@ def _llama_norm(x, w, eps=1e-6):
 
 
 def test_rms_norm_same_values_and_gradients_as_llamas():
-    from adaptune.speedups.fused import rms_norm
+    from adaptune.speedups.rms_norm import rms_norm
 
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(3, 7, 48, generator=g) * 2, torch.rand(48, generator=g) + 0.5
@@ -253,7 +254,7 @@ def test_rms_norm_same_values_and_gradients_as_llamas():
 
 
 def test_fuse_rms_norms_switches_llama_norms_and_training_is_unchanged():
-    from adaptune.speedups.fused import fuse_rms_norms, unfuse_rms_norms
+    from adaptune.speedups.rms_norm import fuse_rms_norms, unfuse_rms_norms
 
     targets = ["q_proj", "v_proj", "down_proj"]
     n_fused, loss_f, grads_f, model = _lora_llama_step(fuse_rms_norms, targets)
@@ -269,7 +270,7 @@ def test_fuse_rms_norms_switches_llama_norms_and_training_is_unchanged():
 
 
 def test_fuse_rms_norms_leaves_other_norms_and_dtypes_alone():
-    from adaptune.speedups.fused import fuse_rms_norms
+    from adaptune.speedups.rms_norm import fuse_rms_norms
     from tests.tiny import tiny_gpt2
 
     assert fuse_rms_norms(tiny_gpt2()) == 0  # LayerNorm: a probe mismatch

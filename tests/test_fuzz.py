@@ -3,7 +3,7 @@
 * ``PeftConfig.from_dict`` / ``PeftConfig.from_pretrained`` on random JSON (and random bytes as
   ``adapter_config.json``): the result is a config whose fields all have their declared types and
   that writes and reads back to itself, or an ``AdaptuneError``; never another exception.
-* ``adaptune.data.examples.load_examples`` with the tiny test tokenizer on random bytes and on random
+* ``adaptune.data.load_examples`` with the tiny test tokenizer on random bytes and on random
   JSON-lines rows (text, prompt/completion, chat, alpaca shapes with random values, bad JSON, lone
   surrogates, deep nesting): examples + a consistent report, or a ``DataError``.
 
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaptune.config import CONFIG_CLASSES, CONFIG_NAME, PeftConfig
-from adaptune.data.examples import IGNORE_INDEX, load_examples
+from adaptune.data import IGNORE_INDEX, load_examples
 from adaptune.errors import AdaptuneError, DataError
 from tests.tiny import VOCAB, WORDS, make_tokenizer
 
@@ -90,11 +90,11 @@ def config_dicts(draw):
 
 def _check_config(config: PeftConfig) -> None:
     """A loaded config: every field of its declared type, written and read back unchanged."""
-    from adaptune.config import _conforms
+    from adaptune.schema import conforms
 
     hints = typing.get_type_hints(type(config))
     for name in config.__dataclass_fields__:
-        assert _conforms(getattr(config, name), hints[name]), (name, getattr(config, name))
+        assert conforms(getattr(config, name), hints[name]), (name, getattr(config, name))
     data = config.to_dict()
     text = json.dumps(data, allow_nan=False)  # what save_pretrained writes must be strict JSON
     again = PeftConfig.from_dict(json.loads(text))

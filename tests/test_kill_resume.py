@@ -77,7 +77,7 @@ def workdir(tmp_path_factory):
 
 ZYGOTE = r"""
 import json, os, sys, traceback
-import adaptune.cli, adaptune.training.job, adaptune.training.trainer, adaptune.data.examples, adaptune.hub  # noqa: F401
+import adaptune.cli, adaptune.training.run, adaptune.training.trainer, adaptune.data, adaptune.hub  # noqa: F401
 import adaptune.training.callbacks, adaptune.tools.evaluation, adaptune.tools.generation  # noqa: F401
 out = os.fdopen(os.dup(1), "w", buffering=1)
 for line in sys.stdin:
@@ -159,7 +159,7 @@ class Run:
         self.rc: int | None = None
         self.lines: list[str] = []
         self.steps_logged = 0
-        self.trained = threading.Event()  # transformers' train_runtime record is out: training ended
+        self.trained = threading.Event()  # the 'training done' line is out: training ended
         self._done = threading.Event()
         threading.Thread(target=self._follow, daemon=True).start()
         threading.Thread(target=self._reap, daemon=True).start()
@@ -180,9 +180,9 @@ class Run:
             tail = parts.pop()
             for line in parts:
                 self.lines.append(line)
-                if line.startswith("{'loss'"):
+                if line.startswith("step ") and "  loss " in line:
                     self.steps_logged += 1
-                elif "train_runtime" in line:
+                elif line.startswith("training done:"):
                     self.trained.set()
             if done:
                 return
@@ -302,8 +302,7 @@ def _check_files_whole(out: Path, torn_before: dict[int, int], temps_before: lis
     """Every file under its final name reads whole; returns notes on what the kill left behind
     (a torn checkpoint counts if this run tore it: new, or written into since the run started)."""
     from adaptune.atomic import read_jsonl
-    from adaptune.training.job import _last_checkpoint
-    from adaptune.training.trainer import last_complete_checkpoint
+    from adaptune.training.checkpoints import last_complete_checkpoint
 
     notes = []
     if (out / WEIGHTS).exists():
@@ -322,7 +321,7 @@ def _check_files_whole(out: Path, torn_before: dict[int, int], temps_before: lis
         elif not (folder / WEIGHTS).exists():  # killed while transformers deleted an old checkpoint
             notes.append(f"checkpoint-{n} half-deleted by rotation")
     # the checkpoint --resume picks reads back whole
-    picked = _last_checkpoint(out, say=lambda line: None)
+    picked = last_complete_checkpoint(out, say=lambda line: None)
     if picked is not None:
         picked = Path(picked)
         load_file(picked / WEIGHTS)

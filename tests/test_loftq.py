@@ -20,13 +20,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from adaptune import LoftQConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from adaptune.errors import ConfigError  # noqa: E402
-from adaptune.quant.bnb import (  # noqa: E402
-    bnb_config,
-    dequantize_weight,
-    keep_trainable_layout,
-    quantize_linears,
-    quantized_linear_from,
-)
+from adaptune.quant.bnb import bnb_config, quantize_linears, quantized_linear_from  # noqa: E402
+from adaptune.quant.dequant import dequantize_weight  # noqa: E402
+from adaptune.quant.kbit import keep_trainable_layout  # noqa: E402
 from adaptune.training.job import TrainJob  # noqa: E402
 from adaptune.tuners.lora.loftq import loftq_layer  # noqa: E402
 from tests.test_qlora import ids, load_fp32, logits  # noqa: E402  (the same tiny model helpers)

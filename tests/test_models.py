@@ -243,28 +243,6 @@ def test_remote_code_model_asks_for_trust(tmp_path):
         models.load_model(folder, device="cpu")
 
 
-def test_pick_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert models.pick_device() == torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert models.pick_device() == torch.device("mps")
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert models.pick_device() == torch.device("cpu")
-
-
-def test_pick_dtype(monkeypatch):
-    assert models.pick_dtype("cpu") == torch.float32
-    assert models.pick_dtype("cpu", "float16") == torch.float16  # asked for: honoured
-    assert models.pick_dtype("mps") == torch.float32
-    monkeypatch.setattr(models, "_cuda_bf16_supported", lambda: True)
-    assert models.pick_dtype("cuda") == torch.bfloat16
-    assert models.pick_dtype(torch.device("cuda", 0), "auto") == torch.bfloat16
-    monkeypatch.setattr(models, "_cuda_bf16_supported", lambda: False)
-    assert models.pick_dtype("cuda") == torch.float16
-    assert models.pick_dtype("cuda", "float32") == torch.float32
-
-
 # ----------------------------------------------------------------------------- the real default
 @pytest.mark.slow
 def test_embedded_default_model_loads_and_answers():

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptune import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
-from adaptune.data.examples import DataCollator, Example, pack_examples
-from adaptune.speedups.fused import dropout_mask
+from adaptune.data import DataCollator, Example, pack_examples
+from adaptune.speedups.dropout import dropout_mask
 from adaptune.speedups.loss import causal_lm_loss, linear_cross_entropy, supports_chunked_loss
-from adaptune.training.trainer import Trainer, TrainingArguments
+from adaptune.training.arguments import TrainingArguments
+from adaptune.training.trainer import Trainer
 from tests.tiny import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 quiet = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -213,7 +214,7 @@ def rows_dataset(n: int = 12, seed: int = 0):
     return out
 
 
-def train_lora(tmp_path, name: str, packing: bool = False, grad_accum: int = 1, prepare=None, **args):
+def train_lora(tmp_path, name: str, packing: bool = False, grad_accum: int = 1, prepare=None, callbacks=(), **args):
     """Three Trainer steps of the tiny LoRA Llama; ``prepare(model)`` runs before training."""
     model = lora_llama(seed=0, tie_word_embeddings=True)
     if prepare is not None:
@@ -228,6 +229,8 @@ def train_lora(tmp_path, name: str, packing: bool = False, grad_accum: int = 1, 
     trainer = Trainer(model=model, args=targs, train_dataset=data, eval_dataset=data[:5],
                       data_collator=DataCollator(0, packing=packing))
     trainer.remove_callback(trainer.divergence_guard)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     weights = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
@@ -368,7 +371,7 @@ def test_lora_forward_is_base_plus_scaled_delta(dropout):
         layer.train(training)
         torch.manual_seed(3)
         got = layer(x)
-        torch.manual_seed(3)  # training: the same keep-mask adaptune.speedups.fused draws
+        torch.manual_seed(3)  # training: the same keep-mask adaptune.speedups.dropout draws
         xd = x * dropout_mask(x, dropout) / (1 - dropout) if training and dropout else x
         ref = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](xd)) * layer.scaling("default")
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
@@ -384,6 +387,6 @@ def test_compiled_layers_with_packed_attention_train_exactly_as_plain(tmp_path):
     _, ref_losses, ref_w = train_lora(tmp_path, "plain", True, chunked_loss=False, fused_mlp_activation=False,
                                       fused_rms_norm=False, packed_attention=False)
     trainer, losses, w = train_lora(tmp_path, "compiled", True, compile_layers=True)
-    assert trainer._layers_compiled
+    assert trainer.speedups_applied["compile_layers"] == trainer.model.config.num_hidden_layers
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert_close_dicts(w, ref_w, rtol=1e-4, atol=1e-5)

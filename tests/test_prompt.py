@@ -20,7 +20,14 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 import adaptune
-from adaptune import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from adaptune import (
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+)
 from adaptune.errors import AdapterFileError, ConfigError
 from tests.tiny import make_tokenizer, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
@@ -123,9 +130,9 @@ def test_prefix_shapes_follow_grouped_query_attention():
     model = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NVT))
     cfg = model.peft_config["default"]
     assert (cfg.token_dim, cfg.num_attention_heads, cfg.num_layers) == (16, 2, 2)  # 2 kv heads x head_dim 8
-    assert model._prompt.state_dict_for_disk("default")["prompt_embeddings"].shape == (NVT, 2 * 2 * 16)
+    assert get_peft_model_state_dict(model)["prompt_embeddings"].shape == (NVT, 2 * 2 * 16)
     t5 = get_peft_model(tiny_t5(), PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=NVT))
-    assert t5._prompt.state_dict_for_disk("default")["prompt_embeddings"].shape == (2 * NVT, 32)
+    assert get_peft_model_state_dict(t5)["prompt_embeddings"].shape == (2 * NVT, 32)
 
 
 @pytest.mark.parametrize("make", [tiny_bert_cls, tiny_gpt2_cls], ids=["bert", "gpt2"])

@@ -18,16 +18,17 @@ pytest.importorskip("bitsandbytes")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from adaptune import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from adaptune import (  # noqa: E402
+    LoraConfig,
+    PeftModel,
+    device,  # noqa: E402
+    get_peft_model,
+)
 from adaptune.errors import ConfigError, EnvironmentProblem  # noqa: E402
 from adaptune.quant import bnb as quant  # noqa: E402
-from adaptune.quant.bnb import (  # noqa: E402
-    bnb_config,
-    dequantize_weight,
-    keep_trainable_layout,
-    prepare_model_for_kbit_training,
-    weight_bytes,
-)
+from adaptune.quant.bnb import bnb_config, weight_bytes  # noqa: E402
+from adaptune.quant.dequant import dequantize_weight  # noqa: E402
+from adaptune.quant.kbit import keep_trainable_layout, prepare_model_for_kbit_training  # noqa: E402
 from tests.tiny import tiny_llama  # noqa: E402
 
 SIZES = dict(hidden_size=64, intermediate_size=128)
@@ -85,7 +86,7 @@ def test_bnb_config_choices_and_cpu_default_dtype():
     assert fp4.bnb_4bit_quant_type == "fp4" and fp4.bnb_4bit_compute_dtype == torch.bfloat16
     assert not fp4.bnb_4bit_use_double_quant
     assert bnb_config("int8").load_in_8bit
-    assert quant.default_compute_dtype("cpu") == torch.float32
+    assert device.default_compute_dtype("cpu") == torch.float32
 
 
 @pytest.mark.parametrize("kwargs", [dict(quantize="int4"), dict(quantize="nf4", compute_dtype="int8"),

@@ -310,7 +310,7 @@ def test_trust_remote_code_is_off_unless_asked():
 
 
 def test_adapter_reader_never_unpickles_by_default(good_adapter, tmp_path, monkeypatch):
-    from adaptune.tuners.lora.files import read_adapter_tensors
+    from adaptune.tuners.files import read_adapter_tensors
 
     folder, _ = _pickle_adapter(good_adapter, tmp_path, malicious=False)
 

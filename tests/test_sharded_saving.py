@@ -120,10 +120,10 @@ def test_trainer_save_with_a_gathered_state_dict_writes_the_adapter(tmp_path):
 def test_fsdp_asked_for_on_a_cpu_says_it_trains_with_ddp(monkeypatch, tmp_path):
     """accelerate launch --use_fsdp on a CPU-only machine silently runs DDP; adaptune says so."""
     from adaptune import TrainingArguments
-    from adaptune.training.trainer import AdaptuneWarning
+    from adaptune.errors import AdaptuneWarning
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])  # built alone: no process group
-    monkeypatch.setattr("adaptune.training.trainer._accelerator_type", lambda: None)
+    monkeypatch.setattr("adaptune.device.accelerator_type", lambda: None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

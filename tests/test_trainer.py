@@ -17,22 +17,19 @@ from torch.utils.data import TensorDataset
 from transformers import TrainerCallback
 from transformers import trainer_callback as hf_callbacks
 
+from adaptune import device
 from adaptune.atomic import read_jsonl
-from adaptune.errors import ConfigError, DataError, EnvironmentProblem
-from adaptune.training import trainer as trainer_module
+from adaptune.data import LabelsAndTuplesCollator
+from adaptune.errors import AdaptuneWarning, ConfigError, DataError, EnvironmentProblem
+from adaptune.training.arguments import TrainingArguments
 from adaptune.training.callbacks import DivergenceGuard, MetricsLogger, ProgressCallback, TrainingDiverged
-from adaptune.training.trainer import (
-    AdaptuneWarning,
-    LabelsAndTuplesCollator,
-    Trainer,
-    TrainingArguments,
-    last_complete_checkpoint,
-)
+from adaptune.training.checkpoints import last_complete_checkpoint
+from adaptune.training.trainer import Trainer
 from tests.tiny import tiny_gpt2
 
-ON_CPU_ONLY = trainer_module._accelerator_type() is None
+ON_CPU_ONLY = device.accelerator_type() is None
 # For tests about something else than the fallback warnings themselves.
-quiet = pytest.mark.filterwarnings("ignore::adaptune.training.trainer.AdaptuneWarning")
+quiet = pytest.mark.filterwarnings("ignore::adaptune.errors.AdaptuneWarning")
 
 
 
@@ -141,15 +138,15 @@ def test_metrics_and_plot_with_eval_and_learning(tmp_path):
 # ---- fallbacks one by one ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("asked, device, native_bf16, expect", [
+@pytest.mark.parametrize("asked, accelerator, native_bf16, expect", [
     ("fp16", None, False, "fp32"),
     ("bf16", None, False, "fp32"),
     ("fp16", "cuda", True, "fp16"),   # fp16 works where bf16 does: kept as asked
     ("bf16", "cuda", False, "fp16"),  # pre-Ampere GPU
 ])
-def test_precision_fallback(tmp_path, monkeypatch, asked, device, native_bf16, expect):
-    monkeypatch.setattr(trainer_module, "_accelerator_type", lambda: device)
-    monkeypatch.setattr(trainer_module, "_native_bf16", lambda d: native_bf16)
+def test_precision_fallback(tmp_path, monkeypatch, asked, accelerator, native_bf16, expect):
+    monkeypatch.setattr("adaptune.device.accelerator_type", lambda: accelerator)
+    monkeypatch.setattr("adaptune.device.bf16_native", lambda d: native_bf16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         args = TrainingArguments(output_dir=str(tmp_path), **{asked: True})
@@ -308,10 +305,15 @@ def test_resume_from_adapter_checkpoint_matches_uninterrupted_run(tmp_path):
 
 
 def test_last_complete_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
     assert last_complete_checkpoint(tmp_path / "missing") is None
     for step, state in [(2, "{}"), (10, "{}"), (12, '{"glo'), (3, None)]:
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
+        save_file({"w": torch.zeros(1)}, str(d / "adapter_model.safetensors"))
+        for name in ("optimizer.pt", "scheduler.pt"):
+            torch.save({}, d / name)
         if state is not None:
             (d / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-99.tmp").mkdir()
@@ -395,3 +397,35 @@ def test_plain_transformers_trainer_saves_and_resumes_an_adaptune_adapter(tmp_pa
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     for k, w in at_two.items():
         torch.testing.assert_close(seen[0][k], w, rtol=0, atol=0)
+
+
+# ---- what a run says --------------------------------------------------------------------------
+
+
+def test_log_records_become_one_short_line_each():
+    from adaptune.training.callbacks import format_log_record
+
+    line = format_log_record({"loss": 4.2019, "grad_norm": 0.5312, "learning_rate": 0.001, "epoch": 0.08}, 5, 60)
+    assert line == "step 5/60  loss 4.202  grad norm 0.5312  lr 0.001"
+    assert format_log_record({"eval_loss": 3.5, "eval_runtime": 1.2, "epoch": 1.0}, 30, 60) == \
+        "step 30/60  validation loss 3.5"
+    done = format_log_record({"train_runtime": 12.34, "train_loss": 4.1, "train_samples_per_second": 9.0}, 60, 60)
+    assert done == "training done: 60 steps in 12.3 s, mean loss 4.1"
+
+
+@quiet
+def test_a_gradient_stuck_at_zero_is_said_once(tmp_path, caplog, monkeypatch):
+    """A far too high learning rate can saturate the activations: the loss stays finite, the
+    gradient is exactly 0, and the run changes nothing. That is said once, with the step."""
+    import logging
+
+    plain_loss = Trainer.compute_loss
+    monkeypatch.setattr(Trainer, "compute_loss", lambda self, *a, **k: plain_loss(self, *a, **k) * 0.0)
+    ids, mask = token_rows(n=32, pad_tail=0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, logging_steps=1,
+                             save_strategy="no", disable_tqdm=True, use_cpu=True, learning_rate=1e3)
+    trainer = Trainer(model=peft_gpt2(), args=args, train_dataset=TensorDataset(ids, mask))
+    with caplog.at_level(logging.WARNING, logger="adaptune"):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "gradient norm has been exactly 0" in r.getMessage()]
+    assert len(said) == 1 and "since step 1" in said[0] and "1000" in said[0]

@@ -40,13 +40,8 @@ from .peft_model import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
-from .speedups.allocator import cap_onednn_caches
 
 __version__ = "0.1.0"
-
-# Before any 16-bit product runs: variable-length batches would otherwise grow oneDNN's kernel
-# caches by about half a MiB per new shape (adaptune.allocator).
-cap_onednn_caches()
 
 __all__ = [
     "AdaptuneError",
@@ -81,12 +76,16 @@ __all__ = [
 
 def __getattr__(name: str):
     """Trainer and friends import transformers' training stack; load them only when asked."""
-    if name in ("Trainer", "TrainingArguments"):
-        from .training import trainer
+    if name == "Trainer":
+        from .training.trainer import Trainer
 
-        return getattr(trainer, name)
+        return Trainer
+    if name == "TrainingArguments":
+        from .training.arguments import TrainingArguments
+
+        return TrainingArguments
     if name == "prepare_model_for_kbit_training":
-        from .quant.bnb import prepare_model_for_kbit_training
+        from .quant.kbit import prepare_model_for_kbit_training
 
         return prepare_model_for_kbit_training
     if name in ("load_model", "load_tokenizer", "load_model_and_tokenizer"):

@@ -14,7 +14,8 @@ from typing import Any
 
 from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError
-from .peft_model import PeftModel, resolve_adapter_folder
+from .peft_model import PeftModel
+from .tuners.files import resolve_adapter_folder
 
 __all__ = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
            "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",

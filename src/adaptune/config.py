@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import AdapterFileError, ConfigError
+from .schema import conforms, describe_hint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -139,32 +138,6 @@ class PeftConfig:
         return cls.from_dict(data, source=str(path))
 
 
-def _conforms(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (read from JSON) fits the type annotation ``hint`` of a config field."""
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, arm) for arm in args)
-    if origin in (list, tuple, set):
-        return isinstance(value, (list, tuple, set)) and all(_conforms(v, args[0]) for v in value) if args else \
-            isinstance(value, (list, tuple, set))
-    if origin is dict:
-        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
-                                               for k, v in value.items())
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
 def _check_field_types(config: PeftConfig, source: str) -> None:
     """Every field of a config read from a file holds a value of its declared type (ConfigError).
 
@@ -174,30 +147,8 @@ def _check_field_types(config: PeftConfig, source: str) -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if not _conforms(value, hints.get(f.name, Any)):
-            raise ConfigError(f"{source}: {f.name} must be {_describe_hint(hints[f.name])}, got {value!r:.80}")
-
-
-_HINT_NAMES = {type(None): ("null", "nulls"), bool: ("true/false", "true/false values"),
-               int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
-
-
-def _describe_hint(hint: Any, plural: bool = False) -> str:
-    """``int | None`` -> 'an integer or null'; ``list[str]`` -> 'a list of strings'."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe_hint(a, plural) for a in args))
-    if origin in (list, tuple, set) or hint in (list, tuple, set):
-        inner = f" of {_describe_hint(args[0], plural=True)}" if args else ""
-        return ("lists" if plural else "a list") + inner
-    if origin is dict or hint is dict:
-        inner = f" of {_describe_hint(args[1], plural=True)}" if args else ""
-        return ("objects" if plural else "an object") + inner
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return "one of " + ", ".join(m.value for m in hint)
-    if hint in _HINT_NAMES:
-        return _HINT_NAMES[hint][plural]
-    return getattr(hint, "__name__", str(hint))
+        if not conforms(value, hints.get(f.name, Any)):
+            raise ConfigError(f"{source}: {f.name} must be {describe_hint(hints[f.name])}, got {value!r:.80}")
 
 
 # Fields peft writes that carry no information for adaptune when left at these values.

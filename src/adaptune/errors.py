@@ -30,3 +30,14 @@ class DataError(AdaptuneError, ValueError):
 
 class EnvironmentProblem(AdaptuneError, RuntimeError):
     """A needed package, device or writable directory is not available."""
+
+
+class AdaptuneWarning(UserWarning):
+    """adaptune changed something you asked for so that the run can go on; the text says what."""
+
+
+def warn_user(message: str, stacklevel: int = 3) -> None:
+    """Warn with :class:`AdaptuneWarning`; ``stacklevel`` counts from the caller of this function."""
+    import warnings
+
+    warnings.warn(message, AdaptuneWarning, stacklevel=stacklevel)

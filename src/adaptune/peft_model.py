@@ -1,9 +1,10 @@
-"""PeftModel and its task classes: peft's user-facing API over adaptune's adapters.
+"""PeftModel and its task classes: peft's user-facing API over adaptune's tuners.
 
 ``get_peft_model(model, config)`` returns the task class for ``config.task_type``; everything a
 peft user calls (``save_pretrained``, ``from_pretrained``, ``merge_and_unload``, adapters by name,
-``disable_adapter``...) lives here and delegates the layer work to ``tuner.LoraModel`` (LoRA) or
-``prompt`` (prompt tuning, P-tuning, prefix tuning).
+``disable_adapter``...) lives here, and each call goes to the model's tuner
+(:class:`adaptune.tuners.base.Tuner`): ``LoraModel`` for LoRA, ``PromptLearning`` for prompt
+tuning, P-tuning and prefix tuning.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from torch import nn
 
 from .config import LoraConfig, PeftConfig, TaskType
 from .errors import AdapterFileError, ConfigError
-from .training.checkpoints import teach_transformers_trainer
-from .tuners.lora import files as checkpoint
-from .tuners.lora.layer import LoraLayer, row_adapters
+from .tuners.base import Tuner
+from .tuners.files import read_adapter_tensors, resolve_adapter_folder, write_adapter_tensors, write_model_card
 from .tuners.lora.model import LoraModel
+
+__all__ = ["MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+           "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+           "PeftModelForTokenClassification", "get_peft_model", "get_peft_model_state_dict",
+           "set_peft_model_state_dict"]
 
 
 def _check_task_fits(model: nn.Module, task_type: TaskType | None) -> None:
@@ -63,12 +68,25 @@ def _memory_id(tensor: torch.Tensor) -> int:
         return id(tensor)
 
 
+def _tuner_class(config: PeftConfig) -> type:
+    """The tuner that implements ``config``'s adapter kind."""
+    if config.is_prompt_learning:
+        from .tuners.prompt.model import PromptLearning
+
+        return PromptLearning
+    if isinstance(config, LoraConfig):
+        return LoraModel
+    raise ConfigError(f"unsupported config type {type(config).__name__}")
+
+
 class PeftModel(nn.Module):
     """A transformers model with named adapters. Construct with ``get_peft_model``."""
 
     # transformers' Trainer refuses quantized models unless it sees adapters attached; this is the
     # flag it reads for that (peft's own class is recognised by type, ours by this attribute).
     _hf_peft_config_loaded = True
+    # what adaptune's hooks on transformers' Trainer look for (training.checkpoints)
+    _adaptune_adapter_model = True
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
@@ -77,24 +95,26 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _name_of(model)
         self.peft_type = peft_config.peft_type
-        if peft_config.is_prompt_learning:
-            from .tuners.prompt.model import PromptLearning
-
-            self.base_model = model
-            self._prompt = PromptLearning(self, peft_config, adapter_name)
-        else:
-            if not isinstance(peft_config, LoraConfig):
-                raise ConfigError(f"unsupported config type {type(peft_config).__name__}")
+        tuner_cls = _tuner_class(peft_config)
+        if tuner_cls is LoraModel:
             self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+        else:  # peft's names: base_model is the transformers model, the encoders live on this module
+            self.base_model = model
+            self._prompt = tuner_cls(self, peft_config, adapter_name)
         if getattr(model, "is_activation_checkpointing", False):
             self._make_inputs_require_grad()
-        teach_transformers_trainer()
+        _install_trainer_hooks()
 
     def train(self, mode: bool = True) -> PeftModel:
-        teach_transformers_trainer()  # a transformers.Trainer imported after the model was built
+        _install_trainer_hooks()  # a transformers.Trainer imported after the model was built
         return super().train(mode)
 
-    # ---- attribute pass-through ------------------------------------------------------------
+    # ---- the tuner --------------------------------------------------------------------------
+    @property
+    def _tuner(self) -> Tuner:
+        prompt = self.__dict__.get("_prompt")
+        return prompt if prompt is not None else self.base_model
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -109,43 +129,26 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        if self._is_prompt_learning:
-            return self._prompt.peft_config
-        return self.base_model.peft_config
+        return self._tuner.peft_config
 
     @property
     def active_adapter(self) -> str:
-        if self._is_prompt_learning:
-            return self._prompt.active_adapter
-        return self.base_model.active_adapter
+        return self._tuner.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
-        if self._is_prompt_learning:
-            return [self.active_adapter]
-        return list(self.base_model.active_adapters)
+        return list(self._tuner.active_adapters)
 
     def get_base_model(self) -> nn.Module:
         """The transformers model inside (with adapter layers in place)."""
-        return self.base_model if self._is_prompt_learning else self.base_model.model
+        return self._tuner.base_transformer()
 
-    def _lora_layers(self) -> list[LoraLayer]:
-        if self._is_prompt_learning:
-            return []
-        return [layer for _, layer in self.base_model.lora_layers()]
-
-    # ---- forward / generate ----------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
-        if self._is_prompt_learning:
-            return self._prompt.forward(*args, **kwargs)
-        with row_adapters(self._lora_layers(), adapter_names):
-            return self.get_base_model()(*args, **kwargs)
+        """``adapter_names`` (LoRA): each batch row's adapter, ``__base__`` for none, as in peft."""
+        return self._tuner.forward(*args, adapter_names=adapter_names, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
-        if self._is_prompt_learning:
-            return self._prompt.generate(*args, **kwargs)
-        with row_adapters(self._lora_layers(), adapter_names):
-            return self.get_base_model().generate(*args, **kwargs)
+        return self._tuner.generate(*args, adapter_names=adapter_names, **kwargs)
 
     # ---- parameters ------------------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any):
@@ -197,54 +200,26 @@ class PeftModel(nn.Module):
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         self._make_inputs_require_grad()
-
     # ---- adapters --------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
         """Add an adapter; it is not activated (call ``set_adapter``)."""
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _name_of(self.get_base_model())
-        if self._is_prompt_learning:  # any prompt-learning kind may join (prompt, P-, prefix tuning)
-            self._prompt.add_adapter(adapter_name, peft_config)
-            return
-        if peft_config.peft_type != self.peft_type:
-            raise ConfigError(f"cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model")
-        active = self.active_adapter
-        self.base_model.inject_adapter(peft_config, adapter_name, autocast_adapter_dtype)
-        self.base_model.set_adapter(active)
+        self._tuner.add_adapter(adapter_name, peft_config, autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate an adapter. As in peft, a LoRA adapter activated this way trains (its weights
         require grad) unless ``inference_mode=True``; the others are frozen."""
-        if self._is_prompt_learning:
-            self._prompt.set_adapter(adapter_name)
-            return
-        if adapter_name in self.peft_config:
-            self.peft_config[adapter_name].inference_mode = inference_mode
-        self.base_model.set_adapter(adapter_name)
+        self._tuner.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if self._is_prompt_learning:
-            self._prompt.delete_adapter(adapter_name)
-        else:
-            self.base_model.delete_adapter(adapter_name)
+        self._tuner.delete_adapter(adapter_name)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model is exactly the base model; merges are restored after."""
-        if self._is_prompt_learning:
-            with self._prompt.disabled():
-                yield
-            return
-        merged = {id(layer): list(layer.merged_adapters) for layer in self._lora_layers()}
-        for layer in self._lora_layers():
-            layer.unmerge()
-        self.base_model.set_disabled(True)
-        try:
+        with self._tuner.disabled():
             yield
-        finally:
-            self.base_model.set_disabled(False)
-            for layer in self._lora_layers():
-                layer.merge(merged[id(layer)])
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         self._lora_only("merge_adapter").merge_adapter(adapter_names, safe_merge=safe_merge)
@@ -255,11 +230,7 @@ class PeftModel(nn.Module):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Sequence[str] | None = None) -> nn.Module:
         """Fold the active adapter(s) into the weights and return the plain transformers model."""
-        tuner = self._lora_only("merge_and_unload")
-        if any(layer.kind in ("linear4bit", "linear8bitlt") for layer in self._lora_layers()):
-            warnings.warn("the base is quantized: merging dequantizes it and returns a full-precision model",
-                          stacklevel=2)
-        return tuner.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self._lora_only("merge_and_unload").merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove the adapter layers (unmerging first) and return the base transformers model."""
@@ -271,9 +242,9 @@ class PeftModel(nn.Module):
             adapters, weights, adapter_name, combination_type=combination_type, svd_rank=svd_rank)
 
     def _lora_only(self, what: str) -> LoraModel:
-        if self._is_prompt_learning:
+        if not isinstance(self._tuner, LoraModel):
             raise ConfigError(f"{what} is for LoRA adapters; this model has a {self.peft_type} adapter")
-        return self.base_model
+        return self._tuner
 
     # ---- files -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True,
@@ -297,17 +268,10 @@ class PeftModel(nn.Module):
                 raise ConfigError(f"no adapter named {name!r}; adapters: {list(self.peft_config)}")
             folder = root if name == "default" else root / name
             folder.mkdir(parents=True, exist_ok=True)
-            tensors, config = self._disk_state(name, state_dict)
-            checkpoint.write_adapter_tensors(folder, tensors)
+            tensors, config = self._tuner.adapter_state_for_disk(name, state_dict)
+            write_adapter_tensors(folder, tensors)
             config.save_pretrained(folder)
-            _write_model_card(folder, config)
-
-    def _disk_state(self, name: str, state_dict: Mapping[str, torch.Tensor] | None = None
-                    ) -> tuple[dict[str, torch.Tensor], PeftConfig]:
-        if self._is_prompt_learning:
-            return self._prompt.state_dict_for_disk(name, state_dict), self.peft_config[name]
-        return (checkpoint.lora_state_dict(self.base_model, name, state_dict),
-                checkpoint.config_for_disk(self.base_model, name))
+            write_model_card(folder, config)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
@@ -317,7 +281,7 @@ class PeftModel(nn.Module):
         """Load a saved adapter onto ``model``: eval mode and frozen unless ``is_trainable``."""
         folder = resolve_adapter_folder(model_id, subfolder)
         config = config or PeftConfig.from_pretrained(folder)
-        config = _prepare_loaded_config(config, is_trainable)
+        config = _tuner_class(config).prepare_loaded_config(config, is_trainable)
         _warn_if_other_base(model, config, folder)
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
         peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype)
@@ -331,49 +295,27 @@ class PeftModel(nn.Module):
                      autocast_adapter_dtype: bool = True, **_: Any) -> None:
         """Add a saved adapter under ``adapter_name`` (not activated), or reload an existing one."""
         folder = resolve_adapter_folder(model_id, subfolder)
-        config = _prepare_loaded_config(PeftConfig.from_pretrained(folder), is_trainable)
+        config = PeftConfig.from_pretrained(folder)
+        config = _tuner_class(config).prepare_loaded_config(config, is_trainable)
         _warn_if_other_base(self.get_base_model(), config, folder)
         if adapter_name not in self.peft_config:
             self.add_adapter(adapter_name, config, autocast_adapter_dtype)
         self._load_weights(folder, adapter_name, allow_pickle, is_trainable)
 
     def _load_weights(self, folder: Path, adapter_name: str, allow_pickle: bool, is_trainable: bool = False) -> None:
-        tensors = checkpoint.read_adapter_tensors(folder, allow_pickle=allow_pickle)
-        self._load_tensors(adapter_name, tensors, str(folder), is_trainable)
-
-    def _load_tensors(self, adapter_name: str, tensors: Mapping[str, torch.Tensor], source: str,
-                      is_trainable: bool | None = None) -> None:
-        """An adapter's tensors as the file holds them (peft's keys) into adapter ``adapter_name``;
-        ``is_trainable`` None keeps the adapter's own mode (prompt rows; LoRA keeps its flags anyway)."""
-        if self._is_prompt_learning:
-            self._prompt.load_state_dict_from_disk(adapter_name, dict(tensors), source, trainable=is_trainable)
-        else:
-            checkpoint.load_lora_state_dict(self.base_model, adapter_name, dict(tensors), source)
+        tensors = read_adapter_tensors(folder, allow_pickle=allow_pickle)
+        self._tuner.load_adapter_state(adapter_name, tensors, str(folder), is_trainable)
 
 
-def _prepare_loaded_config(config: PeftConfig, is_trainable: bool) -> PeftConfig:
-    if isinstance(config, LoraConfig):
-        config = checkpoint.config_from_disk(config)
-    # A prompt-learning adapter is built in inference mode (no encoder network, no text init: the
-    # file holds the encoder's output) and made trainable, if asked, once its rows are loaded.
-    config.inference_mode = config.is_prompt_learning or not is_trainable
-    return config
+def _install_trainer_hooks() -> None:
+    """Let a plain ``transformers.Trainer`` checkpoint adaptune models as adapter folders
+    (:mod:`adaptune.training.checkpoints`); nothing happens until transformers' trainer is loaded."""
+    import sys
 
+    if "transformers.trainer" in sys.modules:
+        from .training.checkpoints import install_transformers_trainer_hooks
 
-def resolve_adapter_folder(model_id: str | Path, subfolder: str | None = None) -> Path:
-    """A local adapter folder, or a hub id downloaded for users who have the internet."""
-    path = Path(model_id)
-    if path.is_dir():
-        return path / subfolder if subfolder else path
-    if path.exists() or str(model_id).startswith((".", "/", "~")) or str(model_id).count("/") > 1:
-        raise AdapterFileError(f"{model_id}: no such adapter folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(str(model_id), allow_patterns=["*.json", "*.safetensors", "*.md"])
-    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, auth: all mean "not found"
-        raise AdapterFileError(f"{model_id}: not a local folder and not downloadable ({type(exc).__name__})") from None
-    return Path(local) / subfolder if subfolder else Path(local)
+        install_transformers_trainer_hooks()
 
 
 def _warn_if_other_base(model: nn.Module, config: PeftConfig, folder: Path) -> None:
@@ -381,23 +323,6 @@ def _warn_if_other_base(model: nn.Module, config: PeftConfig, folder: Path) -> N
     if saved and current and Path(str(saved)).name != Path(str(current)).name:
         warnings.warn(f"{folder}: adapter was trained on {saved!r} but is being loaded onto {current!r}",
                       stacklevel=3)
-
-
-def _write_model_card(folder: Path, config: PeftConfig) -> None:
-    from .atomic import atomic_write_text
-
-    card = folder / "README.md"
-    if card.exists():
-        return  # the trainer writes a richer card (with the command); keep it
-    lines = [
-        "---", "library_name: adaptune", f"base_model: {config.base_model_name_or_path}", "tags: [peft, adaptune]",
-        "---", "", f"# {config.peft_type.value if hasattr(config.peft_type, 'value') else config.peft_type} adapter", "",
-        f"Base model: `{config.base_model_name_or_path}`. Task: `{getattr(config.task_type, 'value', config.task_type)}`.",
-        "", "Load with adaptune or peft:", "", "```python",
-        "from adaptune import PeftModel  # or: from peft import PeftModel",
-        "model = PeftModel.from_pretrained(base_model, \"<this folder>\")", "```", "",
-    ]
-    atomic_write_text(card, "\n".join(lines))
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -464,7 +389,7 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
 def get_peft_model_state_dict(model: PeftModel, state_dict: Mapping[str, torch.Tensor] | None = None,
                               adapter_name: str = "default", **_: Any) -> dict[str, torch.Tensor]:
     """Adapter ``adapter_name``'s tensors under the keys its file holds (peft's function of this name)."""
-    return model._disk_state(adapter_name, state_dict)[0]
+    return model._tuner.adapter_state_for_disk(adapter_name, state_dict)[0]
 
 
 def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: Mapping[str, torch.Tensor],
@@ -473,7 +398,7 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: Mapping[s
     (which must exist); a missing or misshapen tensor raises ``AdapterFileError``."""
     if adapter_name not in model.peft_config:
         raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {list(model.peft_config)}")
-    model._load_tensors(adapter_name, peft_model_state_dict, "the given state dict")
+    model._tuner.load_adapter_state(adapter_name, peft_model_state_dict, "the given state dict")
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",

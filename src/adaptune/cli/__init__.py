@@ -97,7 +97,8 @@ def _adapter_base_name(adapter: str) -> str | None:
 
 # ---- train -------------------------------------------------------------------------------------
 def _train_parser(sub) -> None:
-    from ..training.job import DEFAULT_LR, METHODS, TrainJob
+    from ..training.job import TrainJob
+    from ..training.methods import DEFAULT_LR, METHODS
 
     d = TrainJob()
     p = sub.add_parser("train", help="fine-tune a model (default: SmolLM2-135M on Shakespeare)",
@@ -159,7 +160,7 @@ def job_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..training.job import run_train
+    from ..training.run import run_train
 
     run_train(job_from_args(args))
     # Only after a run that ended well: a failed rank's peers may still be inside a collective,
@@ -219,7 +220,7 @@ def _eval_parser(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..data.examples import DataCollator, default_data_path, load_examples, pad_token_id_for
+    from ..data import DataCollator, default_data_path, load_examples, pad_token_id_for
     from ..tools.evaluation import perplexity
 
     model, tokenizer = _load_for_inference(args.model, args.adapter, args.allow_pickle, args.trust_remote_code)

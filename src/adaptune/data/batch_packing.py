@@ -4,7 +4,8 @@
 of ``B`` rows holds ~``B * max_length / mean_length`` examples: fewer, larger optimizer steps than
 the same ``batch_size`` of padded examples. :class:`BatchPackingCollator` keeps the batch a set of
 ``B`` *examples* (the sampler's) and packs just those into rows of at most ``max_length`` tokens
-(the row width and order that waste least: never more tokens than padding the batch), with restarting ``position_ids`` and no attention mask, as
+(the row width and order that waste least: never more tokens than padding the batch), with
+restarting ``position_ids`` and no attention mask, as
 ``DataCollator(packing=True)`` does. The loss (mean over label tokens) and the gradient of each
 step are then those of the padded batch; only the padding compute is gone. The model must run with
 ``use_cache=False`` (``transformers.Trainer`` does), so that packed examples do not see each other.
@@ -17,7 +18,9 @@ from typing import Any
 
 import torch
 
-from .examples import DataCollator, Example, pack_examples
+from .collate import DataCollator
+from .packing import pack_examples
+from .records import Example
 
 __all__ = ["BatchPackingCollator"]
 

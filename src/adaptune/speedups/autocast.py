@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import _restore_forwards, _switch_forwards
+from .patching import restore_forwards, switch_forwards
 
 __all__ = ["frozen_linear", "lean_autocast_linears", "restore_autocast_linears"]
 
-_FLAG = "_adaptune_lean_autocast"
+FLAG = "_adaptune_lean_autocast"
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -69,9 +69,9 @@ def lean_autocast_linears(model: nn.Module) -> int:
     Subclasses (quantized layers, LoRA wrappers) keep their own forward; a LoRA layer's base
     ``nn.Linear`` is switched like any other. Trainable weights take the plain path at call time.
     """
-    return _switch_forwards(model, _FLAG, _lean_forward, lambda m: type(m) is nn.Linear)
+    return switch_forwards(model, FLAG, _lean_forward, lambda m: type(m) is nn.Linear)
 
 
 def restore_autocast_linears(model: nn.Module) -> int:
     """Undo :func:`lean_autocast_linears`; returns how many modules were restored."""
-    return _restore_forwards(model, _FLAG)
+    return restore_forwards(model, FLAG)

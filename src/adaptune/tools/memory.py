@@ -130,7 +130,7 @@ class MemoryEstimate:
 def _dtype(value: Any) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
-    from ..hub import parse_dtype
+    from ..device import parse_dtype
 
     return parse_dtype(value)
 
@@ -417,10 +417,10 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     """Estimate the memory of one training step (see the module doc for the model).
 
     ``config_or_model``: a transformers config, a model (real or meta), or a model name/path
-    (read with ``adaptune.models.load_config``). ``method``: ``"full"``, ``"lora"`` or
+    (read with ``adaptune.hub.load_config``). ``method``: ``"full"``, ``"lora"`` or
     ``"qlora"``. ``weight_dtype``: the dtype the model is trained in (for QLoRA: the compute
     dtype of everything that is not 4-bit). ``target_modules``: as in ``LoraConfig``.
-    ``device``: where training will run (default: ``adaptune.models.pick_device()``); it only
+    ``device``: where training will run (default: ``adaptune.device.pick_device()``); it only
     changes how dropout masks are stored (CUDA keeps 1-byte masks, the CPU full-width ones) and
     whether attention with dropout has a fused kernel (not on the CPU).
     """
@@ -463,7 +463,7 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     # -- activations, bytes per token
     tokens = batch_size * seq_len
     if device is None:
-        from ..hub import pick_device
+        from ..device import pick_device
 
         device = pick_device()
     cuda = torch.device(device).type == "cuda"

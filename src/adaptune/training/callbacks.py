@@ -1,11 +1,14 @@
 """The callbacks adaptune's Trainer installs by default, each a small ``TrainerCallback``.
 
 - :class:`ProgressCallback`: transformers' tqdm bar, plus loss, tokens/s and the share of tokens
-  that are trained on (labels != -100); tqdm shows the ETA.
+  that are trained on (labels != -100); tqdm shows the ETA. Each logged record becomes one short
+  line above the bar (``step 5/60  loss 4.2  grad norm 0.53  lr 0.001``), not a raw dict.
 - :class:`MetricsLogger`: every log record appended to ``output_dir/metrics.jsonl``; at the end of
   training ``output_dir/loss.png`` (train and eval loss against step).
 - :class:`DivergenceGuard`: a NaN/inf training loss stops training before another checkpoint is
   written, so the last checkpoint on disk is the last good one.
+- :class:`ZeroGradientWarning`: says once when the logged gradient norm stays exactly 0, a run
+  that changes no weight (saturated activations after a far too high learning rate, say).
 
 The per-batch numbers (loss, tokens) come from :class:`StepStats`, which adaptune's Trainer fills
 in ``training_step``; with a plain ``transformers.Trainer`` the callbacks still work from the
@@ -29,7 +32,8 @@ from ..errors import AdaptuneError
 
 logger = hf_logging.get_logger(__name__)
 
-__all__ = ["DivergenceGuard", "MetricsLogger", "ProgressCallback", "StepStats", "TrainingDiverged"]
+__all__ = ["DivergenceGuard", "LogPrinter", "MetricsLogger", "ProgressCallback", "StepStats", "TrainingDiverged",
+           "ZeroGradientWarning", "format_log_record"]
 
 
 class TrainingDiverged(AdaptuneError, RuntimeError):
@@ -95,6 +99,34 @@ class ProgressCallback(_TransformersProgressCallback):
             )
         self.training_bar.update(state.global_step - self.current_step)
         self.current_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(format_log_record(logs, state.global_step, state.max_steps))
+
+
+class LogPrinter(TrainerCallback):
+    """Without a progress bar (``disable_tqdm=True``): each log record as one line, as the bar
+    would write it (transformers' own printer writes the raw dict)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            print(format_log_record(logs, state.global_step, state.max_steps), flush=True)
+
+
+def format_log_record(logs: dict, step: int, max_steps: int) -> str:
+    """One line for a log record: a training step, an evaluation, or the end of training."""
+    if "train_runtime" in logs:
+        loss = logs.get("train_loss")
+        mean = f", mean loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
+        return f"training done: {step} steps in {float(logs['train_runtime']):.1f} s{mean}"
+    names = {"loss": "loss", "eval_loss": "validation loss", "grad_norm": "grad norm", "learning_rate": "lr"}
+    parts = [f"{label} {logs[key]:.4g}" for key, label in names.items()
+             if isinstance(logs.get(key), (int, float))]
+    parts += [f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+              for key, value in logs.items() if key not in names and key not in ("epoch", "total_flos")
+              and not key.startswith("eval_") and isinstance(value, (int, float, str))]
+    return f"step {step}/{max_steps}  " + "  ".join(parts)
 
 
 def _jsonable(value):
@@ -250,3 +282,39 @@ class DivergenceGuard(TrainerCallback):
         if self.stats is None and not self.diverged and isinstance(loss, float) and not math.isfinite(loss):
             self._found(args, loss, step=state.global_step)
         self._check(args, state, control)
+
+
+class ZeroGradientWarning(TrainerCallback):
+    """Warn once when the logged gradient norm is exactly 0 in ``patience`` records in a row.
+
+    A run whose gradient is exactly zero changes no weight: its loss stays where it is while the
+    steps go by. Seen when a far too high learning rate saturates the activations (the loss then
+    stays finite, so the divergence guard says nothing).
+    """
+
+    def __init__(self, patience: int = 3):
+        self.patience = patience
+        self.zero_since: int | None = None
+        self.zero_records = 0
+        self.warned = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.zero_since, self.zero_records, self.warned = None, 0, False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        norm = (logs or {}).get("grad_norm")
+        if not isinstance(norm, (int, float)):
+            return
+        if norm != 0:
+            self.zero_since, self.zero_records = None, 0
+            return
+        self.zero_records += 1
+        self.zero_since = self.zero_since if self.zero_since is not None else state.global_step
+        if self.zero_records >= self.patience and not self.warned and state.is_world_process_zero:
+            self.warned = True
+            logger.warning(self.message(args.learning_rate))
+
+    def message(self, learning_rate: float) -> str:
+        return (f"the gradient norm has been exactly 0 since step {self.zero_since}: training is not changing "
+                f"the weights (a learning rate far too high, {learning_rate:g} here, can saturate the "
+                f"activations; try a lower one)")

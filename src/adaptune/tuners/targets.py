@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import TargetError
+from ..quant.kinds import layer_kind
 
 try:  # GPT-2 style layers that store W as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -73,20 +74,37 @@ FUSED_SLICES: dict[str, dict[str, tuple[str, ...]]] = {
 LAYER_PATTERNS: tuple[str, ...] = ("layers", "h", "block", "blocks", "layer")
 
 
+Slices = tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class Target:
     """One module to adapt; ``slices`` are (start, stop) output rows when only parts are adapted."""
 
     name: str
-    slices: tuple[tuple[int, int], ...] | None = None
+    slices: Slices | None = None
     slice_names: tuple[str, ...] | None = None
 
 
+def slice_width(slices: Slices) -> int:
+    """Output rows in each slice of a fused projection (they are all the same size)."""
+    start, stop = slices[0]
+    return stop - start
+
+
+def as_list(value: str | Sequence[str] | None) -> list[str]:
+    """A ``target_modules``-like value as a list (a single name or regex becomes one entry)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def module_kind(module: nn.Module) -> str | None:
-    """The adapter-relevant kind of a module, or None when LoRA cannot wrap it."""
-    cls_name = type(module).__name__
-    if cls_name in ("Linear4bit", "Linear8bitLt"):
-        return cls_name.lower()
+    """The adapter-relevant kind of a module (``linear``, ``conv1d``, ``embedding``, or a quantized
+    kind of :data:`adaptune.quant.QUANT_KINDS`), or None when LoRA cannot wrap it."""
+    quantized = layer_kind(module)
+    if quantized is not None:
+        return quantized
     if isinstance(module, nn.Linear):
         return "linear"
     if Conv1D and isinstance(module, Conv1D):

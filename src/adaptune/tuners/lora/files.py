@@ -1,86 +1,37 @@
-"""peft-format adapter files: tensors named as peft names them, safetensors by default.
+"""LoRA's tensors and config as peft's files hold them.
 
 On disk a key is the module path inside the wrapped model, prefixed ``base_model.model.``, with
 the adapter name left out: ``base_model.model.<path>.lora_A.weight``. A GPT-2 adapter on the q and
 v *slices* of ``c_attn`` is written as an ordinary ``c_attn`` LoRA whose k rows are zero (rank and
 alpha multiplied so the scaling is unchanged), which peft, vLLM and llama.cpp read as is; the
 ``fused_slices`` field lets adaptune read it back as the same sliced adapter.
-
-Loading never runs code from a file: ``.bin`` (pickle) adapters are read only when the caller
-opts in, and then with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ...config import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraConfig
+from ...config import LoraConfig
 from ...errors import AdapterFileError
-from ..targets import pattern_key
-from .layer import LoraLayer, check_shape
+from ..files import check_shape, check_values, clean_path, disk_tensors, tensor_reader
+from ..targets import FUSED_SLICES, as_list, model_type, pattern_key, slice_width
+from .layer import LoraLayer
+
+if TYPE_CHECKING:
+    from .model import LoraModel
 
 PREFIX = "base_model.model."
 
-
-# ---- LoRA state dict <-> peft keys -------------------------------------------------------------
-TensorReader = Callable[[str, torch.Tensor], torch.Tensor]
-
-# Module wrappers that nn.Module paths go through but state-dict names leave out: FSDP1's, activation
-# checkpointing's, torch.compile's.
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+__all__ = ["PREFIX", "config_for_disk", "config_from_disk", "load_lora_state_dict", "lora_state_dict"]
 
 
-def clean_path(path: str) -> str:
-    """``path`` as a state dict names it: without the segments that module wrappers add."""
-    for segment in _WRAPPER_SEGMENTS:
-        path = path.replace(segment, "")
-    return path
-
-
-def tensor_reader(state_dict: Mapping[str, torch.Tensor] | None, prefix: str = "") -> TensorReader:
-    """``read(path, own)``: a module's tensor ``own`` at ``path``, or, when ``state_dict`` is given,
-    its entry ``prefix + path`` there.
-
-    Under FSDP or DeepSpeed ZeRO-3 a module holds only this process's shard of each weight; the
-    full tensors are in the state dict those engines gather (transformers' Trainer passes it to
-    ``_save``). A name missing from it is an error, never a silent fall back to the shard.
-    """
-    if state_dict is None:
-        return lambda path, own: own
-
-    def read(path: str, own: torch.Tensor) -> torch.Tensor:
-        key = prefix + clean_path(path)
-        if key not in state_dict:
-            raise AdapterFileError(f"the state_dict passed has no {key!r} (its first names: {list(state_dict)[:3]}); "
-                                   f"pass the PeftModel's own state_dict, gathered whole")
-        return state_dict[key]
-
-    return read
-
-
-def disk_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies to write. A sharded tensor (FSDP2's DTensor) holds only this
-    process's part: it is refused with what to pass instead, never written as if it were whole."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        DTensor = ()
-    sharded = [k for k, v in tensors.items() if isinstance(v, DTensor)]
-    if sharded:
-        raise AdapterFileError(
-            f"{sharded[0]} is sharded over processes (FSDP2): save with state_dict=<the full state dict, "
-            f"gathered on every process>, e.g. torch.distributed.checkpoint.state_dict.get_model_state_dict("
-            f"model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))")
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-
-def lora_state_dict(tuner, adapter_name: str,
+def lora_state_dict(tuner: LoraModel, adapter_name: str,
                     state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's on-disk names (``tuner`` is a LoraModel), read from the
     modules or from ``state_dict``, the PeftModel's full state dict (see :func:`tensor_reader`)."""
@@ -126,14 +77,14 @@ def _full_b_from_slices(layer: LoraLayer, adapter_name: str, b: torch.Tensor) ->
     """Block matrix (out, n*r): slice i's B (``b``, slice after slice) in its rows and its r
     columns, zeros elsewhere."""
     spec = layer.specs[adapter_name]
-    rows = spec.slices[0][1] - spec.slices[0][0]
+    rows = slice_width(spec.slices)
     full = b.new_zeros(layer.out_features, spec.r * len(spec.slices))
     for i, (start, stop) in enumerate(spec.slices):
         full[start:stop, i * spec.r:(i + 1) * spec.r] = b[i * rows:(i + 1) * rows]
     return full
 
 
-def config_for_disk(tuner, adapter_name: str) -> LoraConfig:
+def config_for_disk(tuner: LoraModel, adapter_name: str) -> LoraConfig:
     """The config as peft should read it: fused slices become a wider plain LoRA.
 
     A sliced layer's rank and alpha go into rank_pattern / alpha_pattern: under the bare leaf
@@ -160,7 +111,7 @@ def config_for_disk(tuner, adapter_name: str) -> LoraConfig:
     if not fused:
         return config
     sliced = [n for n, k in adapted.items() if k > 1]
-    targets = [t for t in _as_list(config.target_modules) if not any(t in s for s in fused.values())]
+    targets = [t for t in as_list(config.target_modules) if not any(t in s for s in fused.values())]
     targets += list(fused)
     disk_value = {
         "rank_pattern": lambda n: specs[n].r * adapted[n],
@@ -205,7 +156,7 @@ def config_from_disk(config: LoraConfig) -> LoraConfig:
     """Reverse ``config_for_disk``: a file written with fused slices becomes sliced again."""
     if not config.fused_slices:
         return config
-    targets = set(_as_list(config.target_modules))
+    targets = set(as_list(config.target_modules))
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
     for leaf, names in config.fused_slices.items():
         k = len(names)
@@ -222,21 +173,13 @@ def config_from_disk(config: LoraConfig) -> LoraConfig:
                    alpha_pattern=alpha_pattern, fused_slices=None)
 
 
-def _slice_names_of(tuner, leaf: str, slices, out_features: int) -> tuple[str, ...]:
-    from .model import fused_slice_names
-
-    all_names = fused_slice_names(tuner.model)[leaf]
+def _slice_names_of(tuner: LoraModel, leaf: str, slices, out_features: int) -> tuple[str, ...]:
+    all_names = FUSED_SLICES[model_type(tuner.model)][leaf]
     size = out_features // len(all_names)
     return tuple(all_names[start // size] for start, _ in slices)
 
 
-def _as_list(value) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def load_lora_state_dict(tuner, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+def load_lora_state_dict(tuner: LoraModel, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy peft-named tensors into adapter ``adapter_name``; every mismatch is an error naming it."""
     tensors = dict(tensors)
     expected = lora_state_dict(tuner, adapter_name)  # names and shapes this model needs
@@ -255,18 +198,14 @@ def load_lora_state_dict(tuner, adapter_name: str, tensors: dict[str, torch.Tens
     if missing:
         warnings.warn(f"{source}: {len(missing)} tensors not in the file keep their base values, "
                       f"e.g. {missing[0]}", stacklevel=3)
-    for key, value in tensors.items():
-        if not value.dtype.is_floating_point:
-            raise AdapterFileError(f"{source}: tensor {key} has dtype {value.dtype}, expected a float dtype")
-        if not torch.isfinite(value).all():
-            raise AdapterFileError(f"{source}: tensor {key} holds NaN or inf values")
+    check_values(tensors, source)
     try:
         _copy_into(tuner, adapter_name, tensors, extra)
     except AdapterFileError as exc:  # a shape mismatch names the layer; say which file it came from
         raise AdapterFileError(f"{source}: {exc}") from None
 
 
-def _copy_into(tuner, adapter_name: str, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+def _copy_into(tuner: LoraModel, adapter_name: str, tensors: dict[str, torch.Tensor], extra: dict) -> None:
     with torch.no_grad():
         for name, layer in tuner.lora_layers():
             if adapter_name in layer.specs:
@@ -282,7 +221,7 @@ def _copy_into(tuner, adapter_name: str, tensors: dict[str, torch.Tensor], extra
                 p.copy_(tensors[key].to(p.dtype))
 
 
-def _peft_extra_keys(tuner, adapter_name: str) -> dict[str, torch.nn.Parameter | None]:
+def _peft_extra_keys(tuner: LoraModel, adapter_name: str) -> dict[str, torch.nn.Parameter | None]:
     """Keys peft may write that adaptune does not: key -> the parameter to load it into (None: skip).
 
     * ``<layer>.base_layer.weight``: peft's ``save_embedding_layers="auto"`` stores the whole base
@@ -329,7 +268,7 @@ def _load_layer(layer: LoraLayer, name: str, adapter_name: str, tensors: dict[st
         check_shape(name, "lora_A.weight", a_param.shape, a.shape)
         if spec.slices:
             check_shape(name, "lora_B.weight", (layer.out_features, a_param.shape[0]), b.shape)
-            rows = spec.slices[0][1] - spec.slices[0][0]
+            rows = slice_width(spec.slices)
             b = torch.cat([b[start:stop, i * spec.r:(i + 1) * spec.r] for i, (start, stop) in enumerate(spec.slices)])
             assert b.shape[0] == rows * len(spec.slices)
         check_shape(name, "lora_B.weight", b_param.shape, b.shape)
@@ -340,57 +279,3 @@ def _load_layer(layer: LoraLayer, name: str, adapter_name: str, tensors: dict[st
         value = tensors[f"{key}.lora_magnitude_vector"]
         check_shape(name, "lora_magnitude_vector", param.shape, value.shape)
         param.copy_(value.to(param.dtype))
-
-
-# ---- files -------------------------------------------------------------------------------------
-def read_adapter_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors of an adapter folder; safetensors only unless ``allow_pickle``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    st_path = directory / WEIGHTS_NAME
-    bin_path = directory / PICKLE_WEIGHTS_NAME
-    if st_path.is_file():
-        try:
-            return load_file(str(st_path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise AdapterFileError(f"{st_path}: not a readable safetensors file ({exc})") from None
-    if bin_path.is_file():
-        if not allow_pickle:
-            raise AdapterFileError(
-                f"{bin_path}: pickled adapter weights are not loaded by default, since unpickling can run "
-                f"code. Convert it to safetensors, or pass allow_pickle=True (CLI: --allow-pickle), which reads it "
-                f"with torch.load(weights_only=True)")
-        try:
-            data = torch.load(str(bin_path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise AdapterFileError(f"{bin_path}: cannot be read safely ({_unpickling_problem(exc)})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise AdapterFileError(f"{bin_path}: expected a dict of tensors")
-        return data
-    raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME} in this folder")
-
-
-def _unpickling_problem(exc: Exception) -> str:
-    """One line from torch.load's error. Its weights_only refusal is a page of text that ends by
-    suggesting weights_only=False, which is exactly what must not be done with this file."""
-    text = str(exc).strip()
-    if text.startswith("Weights only load failed"):
-        lines = [line.strip() for line in text.splitlines()[1:]
-                 if line.strip() and not line.strip().startswith("Check the documentation")]
-        detail = " ".join(lines).split("WeightsUnpickler error:", 1)[-1].strip()
-        return f"torch.load(weights_only=True) refused it: {detail or 'it is not plain tensors'}"
-    return (text.splitlines() or [type(exc).__name__])[0]
-
-
-def write_adapter_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from ...atomic import atomic_save_safetensors
-
-    tensors = {k: (v.clone() if _shares_storage(v, tensors) else v) for k, v in tensors.items()}
-    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-
-
-def _shares_storage(t: torch.Tensor, all_tensors: dict[str, torch.Tensor]) -> bool:
-    ptr = t.untyped_storage().data_ptr()
-    return sum(1 for v in all_tensors.values() if v.untyped_storage().data_ptr() == ptr) > 1
-

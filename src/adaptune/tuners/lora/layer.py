@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import AdapterFileError, ConfigError
-from ...speedups.fused import dropout_linear
-from ..targets import in_out_features, module_kind
+from ...errors import ConfigError
+from ...quant.kinds import QUANT_KINDS
+from ...speedups.dropout import dropout_linear
+from ..targets import Slices, in_out_features, module_kind, slice_width
 
 BASE_ROW = "__base__"  # adapter name meaning "no adapter" in mixed batches (peft's)
 
@@ -52,7 +53,7 @@ class AdapterSpec:
     use_rslora: bool = False
     use_dora: bool = False
     init: bool | str = True
-    slices: tuple[tuple[int, int], ...] | None = None
+    slices: Slices | None = None
     loftq_bits: int = 4  # init == "loftq": the bits this layer's base is stored in
     loftq_iter: int = 1
 
@@ -129,11 +130,12 @@ class LoraLayer(nn.Module):
         if upcast and dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
         if self.is_embedding:
-            self.lora_embedding_A[name] = nn.Parameter(torch.randn(spec.r, self.in_features, device=device, dtype=dtype))
-            self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, spec.r, device=device, dtype=dtype))
+            new = dict(device=device, dtype=dtype)
+            self.lora_embedding_A[name] = nn.Parameter(torch.randn(spec.r, self.in_features, **new))
+            self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, spec.r, **new))
         else:
             n_slices = len(spec.slices) if spec.slices else 1
-            rows = (spec.slices[0][1] - spec.slices[0][0]) * n_slices if spec.slices else self.out_features
+            rows = slice_width(spec.slices) * n_slices if spec.slices else self.out_features
             self.lora_A[name] = nn.Linear(self.in_features, spec.r * n_slices, bias=False, device=device, dtype=dtype)
             self.lora_B[name] = nn.Linear(spec.r, rows, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
@@ -207,8 +209,8 @@ class LoraLayer(nn.Module):
     # ---- weights -------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), dequantized when the base is 4/8-bit."""
-        if self.kind in ("linear4bit", "linear8bitlt"):
-            from ...quant.bnb import dequantize_weight
+        if self.kind in QUANT_KINDS:
+            from ...quant.dequant import dequantize_weight
 
             return dequantize_weight(self.base_layer)
         w = self.base_layer.weight
@@ -253,7 +255,7 @@ class LoraLayer(nn.Module):
         return weight
 
     def _write_base_weight(self, weight: torch.Tensor) -> None:
-        if self.kind in ("linear4bit", "linear8bitlt"):
+        if self.kind in QUANT_KINDS:
             raise ConfigError("cannot merge in place into a quantized layer; use merge_and_unload(), which dequantizes")
         target = self.base_layer.weight
         new = weight.T if (self.is_embedding or self.fan_in_fan_out) else weight
@@ -317,7 +319,7 @@ class LoraLayer(nn.Module):
     def _sliced_out(self, hidden: torch.Tensor, name: str, spec: AdapterSpec) -> torch.Tensor:
         """Per-slice B blocks placed into their output rows; untouched rows get zeros."""
         b = self.lora_B[name].weight
-        rows = spec.slices[0][1] - spec.slices[0][0]
+        rows = slice_width(spec.slices)
         pieces, cursor = [], 0
         for i, (start, stop) in enumerate(spec.slices):
             if start > cursor:
@@ -430,54 +432,3 @@ def row_adapters(layers: Sequence[LoraLayer], names: Sequence[str] | None) -> It
     finally:
         for layer in layers:
             layer.row_adapters = None
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A fully trained copy of a module (a classifier head, say) per adapter; the original stays."""
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disabled = False
-
-    def add(self, name: str) -> None:
-        import copy
-
-        copy_ = copy.deepcopy(self.original_module)
-        for p in copy_.parameters():
-            p.requires_grad_(True)
-        self.modules_to_save[name] = copy_
-
-    def delete(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
-
-    def set_active(self, names: Sequence[str]) -> None:
-        present = [n for n in names if n in self.modules_to_save]
-        self.active_adapter = present[0] if present else None
-
-    def current(self) -> nn.Module:
-        if self.disabled or self.active_adapter is None:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
-
-    def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.current(), name)
-
-
-def check_shape(module_name: str, key: str, expected: torch.Size, got: torch.Size) -> None:
-    if tuple(expected) != tuple(got):
-        raise AdapterFileError(
-            f"{module_name}: adapter tensor {key} has shape {tuple(got)} but this base model needs "
-            f"{tuple(expected)} (was the adapter trained on another base model or rank?)"
-        )

@@ -61,7 +61,8 @@ def _top_r(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
 def loftq_layer(linear: nn.Linear, rank: int, scaling: float, num_bits: int = 4, num_iter: int = 1,
                 double_quant: bool = True) -> LoftQResult:
     """LoftQ for one float ``nn.Linear``: its quantized replacement and the adapter's start."""
-    from ...quant.bnb import dequantize_weight, quantized_linear_from
+    from ...quant.bnb import quantized_linear_from
+    from ...quant.dequant import dequantize_weight
 
     if num_bits not in LOFTQ_BITS:
         raise ConfigError(f"loftq_bits must be 4 (nf4) or 8 (int8), got {num_bits}")

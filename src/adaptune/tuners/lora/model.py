@@ -1,35 +1,33 @@
-"""LoraModel: puts LoRA layers into a transformers model and manages them as named adapters.
+"""LoraModel: the LoRA tuner. It puts LoRA layers into a transformers model and manages them as
+named adapters.
 
 It is what ``PeftModel.base_model`` holds for LoRA, as in peft, so that parameter names read
-``base_model.model.<module path>.lora_A.<adapter>.weight``.
+``base_model.model.<module path>.lora_A.<adapter>.weight``. It implements
+:class:`adaptune.tuners.base.Tuner`, plus what only LoRA can do: merge into the base weights,
+unload, and combine adapters (:mod:`.combine`).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from ...config import LoraConfig, TaskType
+from ...config import LoraConfig, PeftConfig
 from ...errors import ConfigError
-from ..targets import DEFAULT_TARGETS, FUSED_SLICES, Target, model_type, module_kind, pattern_key, resolve_targets
-from .layer import AdapterSpec, LoraLayer, ModulesToSaveWrapper
+from ...quant.kinds import QUANT_KINDS
+from ..base import ModulesToSaveWrapper, heads_to_save, save_wrappers, set_parent, wrap_modules_to_save
+from ..targets import DEFAULT_TARGETS, Target, model_type, module_kind, pattern_key, resolve_targets
+from . import files
+from .combine import add_weighted_adapter
+from .layer import BASE_ROW, AdapterSpec, LoraLayer, row_adapters
 
-# Classifier heads that task types train in full and save with the adapter (peft's lists).
-TASK_HEADS: dict[TaskType, tuple[str, ...]] = {
-    TaskType.SEQ_CLS: ("classifier", "score"),
-    TaskType.TOKEN_CLS: ("classifier", "score"),
-    TaskType.QUESTION_ANS: ("qa_outputs",),
-}
-
-
-def _get_parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (root.get_submodule(parent_name) if parent_name else root), child
+__all__ = ["LoraModel"]
 
 
 class LoraModel(nn.Module):
@@ -58,8 +56,57 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    # ---- the tuner interface --------------------------------------------------------------
+    def base_transformer(self) -> nn.Module:
+        return self.model
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+        """The model's forward; ``adapter_names`` gives each batch row its adapter (``__base__``: none)."""
+        with row_adapters(self._layers(), adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+        with row_adapters(self._layers(), adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Add an adapter without activating it (the active ones stay active)."""
+        if not isinstance(config, LoraConfig):
+            raise ConfigError(f"cannot add a {config.peft_type} adapter to a LORA model")
+        active = list(self.active_adapters)
+        self.inject_adapter(config, adapter_name, autocast_adapter_dtype)
+        self.set_adapter(active[0] if len(active) == 1 else active)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside the block the model is exactly the base model; merges are restored after."""
+        layers = self._layers()
+        merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+        for layer in layers:
+            layer.unmerge()
+        self.set_disabled(True)
+        try:
+            yield
+        finally:
+            self.set_disabled(False)
+            for layer in layers:
+                layer.merge(merged[id(layer)])
+
+    def adapter_state_for_disk(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor] | None = None
+                               ) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+        return files.lora_state_dict(self, adapter_name, state_dict), files.config_for_disk(self, adapter_name)
+
+    def load_adapter_state(self, adapter_name: str, tensors: Mapping[str, torch.Tensor], source: str,
+                           trainable: bool | None = None) -> None:
+        """LoRA keeps each parameter's trainability as it is: ``trainable`` is not needed."""
+        files.load_lora_state_dict(self, adapter_name, dict(tensors), source)
+
+    @staticmethod
+    def prepare_loaded_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
+        """A config read from a file, ready to build the adapter it describes."""
+        config = files.config_from_disk(config)
+        config.inference_mode = not is_trainable
+        return config
 
     # ---- discovery -----------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
@@ -67,27 +114,21 @@ class LoraModel(nn.Module):
             if isinstance(module, LoraLayer):
                 yield name, module
 
+    def _layers(self) -> list[LoraLayer]:
+        return [layer for _, layer in self.lora_layers()]
+
     def save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield name, module
+        return save_wrappers(self.model)
 
     # ---- injection -----------------------------------------------------------------------
-    def _modules_to_save(self, config: LoraConfig) -> list[str]:
-        names = list(config.modules_to_save or [])
-        heads = TASK_HEADS.get(config.task_type, ())
-        present = {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules()}
-        names += [h for h in heads if h in present and h not in names]
-        return names
-
     def inject_adapter(self, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Wrap every target of ``config`` (raising before any change if something is wrong).
         ``autocast_adapter_dtype``: adapter weights in fp32 on an fp16/bf16 base, as in peft."""
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists")
-        if adapter_name == "__base__":
+        if adapter_name == BASE_ROW:
             raise ConfigError("'__base__' is reserved for 'no adapter' in mixed batches")
-        save_names = self._modules_to_save(config)
+        save_names = heads_to_save(self.model, config)
         if save_names != list(config.modules_to_save or []):
             config = replace(config, modules_to_save=save_names)
         if config.target_modules is None and model_type(self.model) in DEFAULT_TARGETS:
@@ -103,17 +144,16 @@ class LoraModel(nn.Module):
         for target, spec in specs:
             module = self.model.get_submodule(target.name)
             if not isinstance(module, LoraLayer):
-                parent, child = _get_parent(self.model, target.name)
                 module = LoraLayer(module)
-                setattr(parent, child, module)
+                set_parent(self.model, target.name, module)
             module.add(adapter_name, spec, upcast=autocast_adapter_dtype)
-        self._wrap_modules_to_save(save_names, adapter_name)
+        wrap_modules_to_save(self.model, save_names, adapter_name)
         self.peft_config[adapter_name] = config
         self._set_trainable()
-        if any(layer.kind in ("linear4bit", "linear8bitlt") for _, layer in self.lora_layers()):
-            from ...quant.bnb import keep_trainable_layout
+        if any(layer.kind in QUANT_KINDS for _, layer in self.lora_layers()):
+            from ...quant.kbit import keep_trainable_layout
 
-            keep_trainable_layout(self.model)  # see quant.py: bitsandbytes' CPU eval re-packing
+            keep_trainable_layout(self.model)  # see quant/kbit.py: bitsandbytes' CPU re-packing
 
     def _note_fan_in_fan_out(self, config: LoraConfig, targets: Sequence[Target]) -> None:
         kinds = {type(self.model.get_submodule(t.name)).__name__ for t in targets}
@@ -145,7 +185,7 @@ class LoraModel(nn.Module):
         if config.init_lora_weights != "loftq":
             return
         kinds = {t.name: module_kind(self.model.get_submodule(t.name)) for t in targets}
-        other = sorted({k for k in kinds.values() if k not in ("linear", "linear4bit", "linear8bitlt")})
+        other = sorted({k for k in kinds.values() if k != "linear" and k not in QUANT_KINDS})
         if other:
             raise ConfigError(f"LoftQ works on nn.Linear targets; these targets are {', '.join(other)} layers")
         quantized = [n for n, k in kinds.items() if k != "linear"]
@@ -157,28 +197,6 @@ class LoraModel(nn.Module):
                 f"quantization_config and LoftQ quantizes it itself)"
                 + (f"; with loftq_iter={loftq.loftq_iter} their base also differs from the one LoftQ would store"
                    if loftq.loftq_iter > 1 else ""), stacklevel=4)
-
-    def _wrap_modules_to_save(self, names: Sequence[str], adapter_name: str) -> None:
-        if not names:
-            return
-        found = False
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, (ModulesToSaveWrapper, LoraLayer)) or ".modules_to_save." in name \
-                    or ".original_module" in name or not name:
-                continue
-            if any(name == n or name.endswith("." + n) for n in names):
-                parent, child = _get_parent(self.model, name)
-                wrapper = ModulesToSaveWrapper(module)
-                setattr(parent, child, wrapper)
-                wrapper.add(adapter_name)
-                found = True
-        for name, wrapper in self.save_wrappers():
-            if adapter_name not in wrapper.modules_to_save and any(
-                    name == n or name.endswith("." + n) for n in names):
-                wrapper.add(adapter_name)
-                found = True
-        if not found:
-            raise ConfigError(f"modules_to_save={list(names)} matches no module of the model")
 
     # ---- state -----------------------------------------------------------------------------
     def _set_trainable(self) -> None:
@@ -204,11 +222,15 @@ class LoraModel(nn.Module):
                 for p in wrapper.modules_to_save[name].parameters():
                     p.requires_grad_(True)
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool | None = None) -> None:
+        """Activate adapter(s); several at once add their outputs. As in peft, an adapter activated
+        by name trains unless ``inference_mode=True`` (None: keep its config's mode)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             if n not in self.peft_config:
                 raise ConfigError(f"no adapter named {n!r}; adapters: {list(self.peft_config)}")
+        if inference_mode is not None and isinstance(adapter_name, str):
+            self.peft_config[adapter_name].inference_mode = inference_mode
         for _, layer in self.lora_layers():
             layer.set_active(names)
         for _, wrapper in self.save_wrappers():
@@ -224,8 +246,7 @@ class LoraModel(nn.Module):
         for name, layer in list(self.lora_layers()):
             layer.delete(adapter_name)
             if not layer.specs:
-                parent, child = _get_parent(self.model, name)
-                setattr(parent, child, layer.base_layer)
+                set_parent(self.model, name, layer.base_layer)
         for _, wrapper in self.save_wrappers():
             wrapper.delete(adapter_name)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
@@ -259,17 +280,20 @@ class LoraModel(nn.Module):
                 base = _merged_base(layer, names, safe_merge)
             elif layer.merged_adapters:
                 layer.unmerge()
-            parent, child = _get_parent(self.model, name)
-            setattr(parent, child, base)
+            set_parent(self.model, name, base)
         for name, wrapper in list(self.save_wrappers()):  # the trained copy stays, merged or not (peft)
-            parent, child = _get_parent(self.model, name)
-            setattr(parent, child, wrapper.current())
+            set_parent(self.model, name, wrapper.current())
         return self.model
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """A quantized (bitsandbytes) base comes back fully dequantized: a plain float model."""
+        """Fold the adapter(s) into the weights and return the plain transformers model. A quantized
+        (bitsandbytes) base comes back fully dequantized: a plain float model."""
+        if any(layer.kind in QUANT_KINDS for _, layer in self.lora_layers()):
+            warnings.warn("the base is quantized: merging dequantizes it and returns a full-precision model",
+                          stacklevel=3)
         model = self._replace_wrappers(True, safe_merge, adapter_names)
-        from ...quant.bnb import dequantize_model, has_quantized_layers
+        from ...quant.dequant import dequantize_model
+        from ...quant.kinds import has_quantized_layers
 
         if has_quantized_layers(model) or getattr(model, "is_loaded_in_4bit", False) \
                 or getattr(model, "is_loaded_in_8bit", False):
@@ -282,111 +306,16 @@ class LoraModel(nn.Module):
     # ---- combining adapters ----------------------------------------------------------------
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None) -> None:
-        """A new adapter from a weighted combination of existing ones (peft's semantics).
-
-        ``cat`` stacks the adapters (rank = sum of ranks): its delta is exactly sum(w_i * delta_i).
-        ``svd`` takes that same exact delta and keeps its best rank-``svd_rank`` approximation.
-        ``linear`` (equal ranks) adds sqrt(w_i * s_i)-weighted A's and B's, as peft does; it is
-        not the sum of deltas (cross terms), and kept for compatibility.
-        """
-        if adapter_name in self.peft_config:
-            raise ConfigError(f"an adapter named {adapter_name!r} already exists")
-        if len(adapters) != len(weights) or not adapters:
-            raise ConfigError("adapters and weights must be non-empty lists of the same length")
-        configs = [self.peft_config[a] for a in adapters]
-        if any(c.use_dora for c in configs):
-            raise ConfigError("add_weighted_adapter does not combine DoRA adapters")
-        ranks = [c.r for c in configs]
-        if combination_type == "linear":
-            if len(set(ranks)) != 1:
-                raise ConfigError("combination_type='linear' needs adapters of equal rank; use 'cat' or 'svd'")
-            new_r = ranks[0]
-        elif combination_type == "cat":
-            new_r = sum(ranks)
-        elif combination_type == "svd":
-            new_r = svd_rank or max(ranks)
-        else:
-            raise ConfigError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}")
-        targets = sorted({t for c in configs for t in _as_list(c.target_modules)})
-        new_config = replace(configs[0], r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern={},
-                             alpha_pattern={}, target_modules=targets or None)
-        self.peft_config[adapter_name] = new_config
-        for _, layer in self.lora_layers():
-            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.specs]
-            if not present:
-                continue
-            slices = layer.specs[present[0][0]].slices
-            if slices or layer.is_embedding:
-                if combination_type != "cat" or any(layer.specs[a].slices != slices for a, _ in present):
-                    raise ConfigError("sliced and embedding adapters combine only with combination_type='cat'")
-            layer.add(adapter_name, AdapterSpec(r=new_r, alpha=new_r, slices=slices))
-            _combine_into(layer, present, adapter_name, combination_type)
-        for _, wrapper in self.save_wrappers():
-            source = next((a for a in adapters if a in wrapper.modules_to_save), None)
-            if source is not None:
-                import copy
-                wrapper.modules_to_save[adapter_name] = copy.deepcopy(wrapper.modules_to_save[source])
-        self._set_trainable()
-
-
-def _as_list(value) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
+        """A new adapter from a weighted combination of existing ones (see :mod:`.combine`)."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
 
 def _merged_base(layer: LoraLayer, names: Sequence[str], safe: bool) -> nn.Module:
     """The base module with ``names`` merged; a quantized base comes back as a float Linear."""
     weight = layer.merged_weight([n for n in names if n not in layer.merged_adapters], safe=safe)
-    if layer.kind in ("linear4bit", "linear8bitlt"):
-        from ...quant.bnb import float_linear_from
+    if layer.kind in QUANT_KINDS:
+        from ...quant.dequant import float_linear_from
 
         return float_linear_from(layer.base_layer, weight)
     layer._write_base_weight(weight)
     return layer.base_layer
-
-
-def _combine_into(layer: LoraLayer, present: list[tuple[str, float]], new: str, how: str) -> None:
-    with torch.no_grad():
-        if layer.is_embedding:  # cat only: stack ranks, weights folded into A
-            a = torch.cat([layer.lora_embedding_A[n] * w * layer.scaling(n) for n, w in present], 0)
-            b = torch.cat([layer.lora_embedding_B[n] for n, _ in present], 1)
-            layer.lora_embedding_A[new].copy_(a)
-            layer.lora_embedding_B[new].copy_(b)
-            return
-        spec = layer.specs[new]
-        if how == "linear":
-            a = sum(math.sqrt(abs(w) * layer.scaling(n)) * math.copysign(1, w) * layer.lora_A[n].weight
-                    for n, w in present)
-            b = sum(math.sqrt(abs(w) * layer.scaling(n)) * layer.lora_B[n].weight for n, w in present)
-        elif how == "cat" and not spec.slices:
-            a = torch.cat([layer.lora_A[n].weight * w * layer.scaling(n) for n, w in present], 0)
-            b = torch.cat([layer.lora_B[n].weight for n, _ in present], 1)
-        elif how == "cat":  # sliced: per slice block, stack the ranks
-            a, b = _cat_sliced(layer, present, spec)
-        else:  # svd of the exact weighted delta
-            delta = sum(layer.delta_weight(n) * w for n, w in present)
-            u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-            r = spec.r
-            b = (u[:, :r] * s[:r]).to(delta.dtype)
-            a = vh[:r].to(delta.dtype)
-        layer.lora_A[new].weight.copy_(a)
-        layer.lora_B[new].weight.copy_(b)
-
-
-def _cat_sliced(layer: LoraLayer, present: list[tuple[str, float]], spec: AdapterSpec):
-    rows = spec.slices[0][1] - spec.slices[0][0]
-    a_blocks, b_blocks = [], []
-    for i in range(len(spec.slices)):
-        a_i, b_i = [], []
-        for n, w in present:
-            r_n = layer.specs[n].r
-            a_i.append(layer.lora_A[n].weight[i * r_n:(i + 1) * r_n] * w * layer.scaling(n))
-            b_i.append(layer.lora_B[n].weight[i * rows:(i + 1) * rows])
-        a_blocks.append(torch.cat(a_i, 0))
-        b_blocks.append(torch.cat(b_i, 1))
-    return torch.cat(a_blocks, 0), torch.cat(b_blocks, 0)
-
-
-def fused_slice_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    return FUSED_SLICES.get(model_type(model) or "", {})

@@ -1,4 +1,5 @@
-"""Prompt tuning, P-tuning and prefix tuning: the encoders, the input plumbing, peft's file format.
+"""Prompt tuning, P-tuning and prefix tuning: the tuner that puts trained
+vectors in front of a frozen model's input.
 
 All three put trained vectors *in front of* the input of a frozen model:
 
@@ -15,237 +16,38 @@ themselves live on the ``PeftModel`` as ``prompt_encoder = nn.ModuleDict()``, so
 names read ``prompt_encoder.<adapter>.embedding.weight`` as in peft, and so that ``.to()``,
 ``state_dict()`` and optimizers see them.
 
-File format (peft's): one tensor ``prompt_embeddings`` holding the encoder's *output*, shape
-(num_virtual_tokens * num_transformer_submodules, token_dim), or for prefix tuning
-(num_virtual_tokens, num_layers * 2 * token_dim); P-tuning's MLP/LSTM and prefix tuning's
-projection are not saved. A loaded adapter therefore always becomes a plain embedding that holds
-the saved output and is used as is, which reproduces the saved prompt exactly. Heads a task trains
-in full (the classifier of SEQ_CLS) are saved as ``base_model.<path>.<param>``.
-
 Where peft 0.21.2 under transformers 5 is wrong (its generate re-inserts the prompt at every
 decoding step and ignores the prefix cache; its SEQ_CLS prefix tuning refuses every model),
 adaptune does the right thing instead, checked in the tests against step-by-step decoding with
 the full forward pass.
+
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import math
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...config import (
-    PeftType,
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptLearningConfig,
-    PromptTuningConfig,
-    TaskType,
-)
-from ...errors import AdapterFileError, ConfigError
-from ..lora.files import clean_path, disk_tensors, tensor_reader
-from ..lora.layer import ModulesToSaveWrapper
+from ...config import PeftType, PromptLearningConfig, TaskType
+from ...errors import ConfigError
+from ..base import heads_to_save, save_wrappers, wrap_modules_to_save
+from . import files
+from .encoders import build_encoder, prepare_config
 
-# Heads a task trains in full and saves with the adapter (peft's names).
-TASK_HEADS: dict[TaskType, tuple[str, ...]] = {TaskType.SEQ_CLS: ("classifier", "score")}
-SUPPORTED_TASKS = (None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.SEQ_2_SEQ_LM, TaskType.FEATURE_EXTRACTION)
-DISK_KEY = "prompt_embeddings"
-HEAD_PREFIX = "base_model."
+__all__ = ["PromptLearning"]
 
 
-# ---- config --------------------------------------------------------------------------------
-def _config_dict(model: nn.Module) -> dict[str, Any]:
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return config.to_dict()
+def _no_row_adapters(adapter_names: Sequence[str] | None) -> None:
+    if adapter_names is not None:
+        raise ConfigError("adapter_names (a different adapter per batch row) is for LoRA adapters; a "
+                          "prompt-learning model runs its active adapter on every row")
 
 
-def _first(config, data: dict[str, Any], names: tuple[str, ...], what: str) -> int:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is None:
-            value = data.get(name)
-        if value is not None:
-            return int(value)
-    raise ConfigError(f"cannot tell {what} from the model config; set it in the prompt-learning config")
-
-
-def prepare_config(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
-    """A copy of ``config`` with the model-derived fields filled in as peft fills them."""
-    if not isinstance(config, PromptLearningConfig):
-        raise ConfigError(f"expected a prompt-learning config, got {type(config).__name__}")
-    if config.task_type not in SUPPORTED_TASKS:
-        raise ConfigError(f"prompt learning supports task_type CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM and "
-                          f"FEATURE_EXTRACTION in adaptune, not {config.task_type.value}")
-    config = _fill(dataclasses.replace(config), model)
-    _check_fits(config, model)
-    return config
-
-
-def _fill(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
-    model_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    data = _config_dict(model)
-    if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
-    if config.num_layers is None:
-        config.num_layers = _first(model_config, data, ("num_hidden_layers", "num_layers", "n_layer"), "num_layers")
-    if config.token_dim is None:
-        config.token_dim = _first(model_config, data, ("hidden_size", "n_embd", "d_model"), "token_dim")
-    if config.num_attention_heads is None:
-        config.num_attention_heads = _first(
-            model_config, data, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
-            "num_attention_heads")
-    if isinstance(config, PrefixTuningConfig) and "num_key_value_heads" in data:
-        # grouped-query attention: the cached keys/values have num_key_value_heads heads
-        head_dim = data.get("head_dim") or config.token_dim // config.num_attention_heads
-        config.token_dim = head_dim * data["num_key_value_heads"]
-        config.num_attention_heads = data["num_key_value_heads"]
-    if getattr(config, "encoder_hidden_size", 0) is None:
-        config.encoder_hidden_size = config.token_dim
-    if isinstance(config, PrefixTuningConfig) and config.token_dim % config.num_attention_heads:
-        raise ConfigError(f"token_dim={config.token_dim} is not a multiple of "
-                          f"num_attention_heads={config.num_attention_heads}")
-    return config
-
-
-def _check_fits(config: PromptLearningConfig, model: nn.Module) -> None:
-    """Fields given in the config (e.g. read from a file) must fit the model, or forward fails deep inside."""
-    fresh = _fill(dataclasses.replace(config, token_dim=None, num_layers=None, num_attention_heads=None), model)
-    names = ("token_dim",) if not isinstance(config, PrefixTuningConfig) else ("token_dim", "num_layers",
-                                                                              "num_attention_heads")
-    for name in names:
-        if getattr(fresh, name) != getattr(config, name):
-            raise ConfigError(f"the adapter config says {name}={getattr(config, name)} but this "
-                              f"{type(model).__name__} has {getattr(fresh, name)} (was the adapter made for "
-                              f"another base model?)")
-
-
-def total_virtual_tokens(config: PromptLearningConfig) -> int:
-    if config.peft_type == PeftType.PREFIX_TUNING:
-        return config.num_virtual_tokens
-    return config.num_virtual_tokens * config.num_transformer_submodules
-
-
-def output_shape(config: PromptLearningConfig) -> tuple[int, int]:
-    """Shape of the encoder output, which is also the on-disk ``prompt_embeddings`` shape."""
-    if config.peft_type == PeftType.PREFIX_TUNING:
-        return config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
-    return total_virtual_tokens(config), config.token_dim
-
-
-# ---- encoders (parameter names are peft's) ---------------------------------------------------
-class PromptEmbedding(nn.Module):
-    """Trained rows used as they are: prompt tuning, and every adapter loaded from a file."""
-
-    def __init__(self, num_rows: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(num_rows, dim)
-
-    def forward(self) -> torch.Tensor:
-        return self.embedding.weight
-
-
-class PromptEncoder(nn.Module):
-    """P-tuning: the virtual token embeddings are an MLP (or bi-LSTM + MLP) of trained vectors."""
-
-    def __init__(self, config: PromptEncoderConfig) -> None:
-        super().__init__()
-        dim, hidden = config.token_dim, config.encoder_hidden_size
-        self.encoder_type = config.encoder_reparameterization_type
-        self.embedding = nn.Embedding(total_virtual_tokens(config), dim)
-        if self.encoder_type == "LSTM":
-            self.lstm_head = nn.LSTM(input_size=dim, hidden_size=hidden, num_layers=config.encoder_num_layers,
-                                     dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(hidden * 2, hidden * 2), nn.ReLU(), nn.Linear(hidden * 2, dim))
-        else:
-            if config.encoder_num_layers != 2:
-                warnings.warn("encoder_num_layers is ignored for the MLP encoder (it has 2 hidden layers, as "
-                              "in peft)", stacklevel=4)
-            self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                          nn.Linear(hidden, dim))
-
-    def forward(self) -> torch.Tensor:
-        x = self.embedding.weight.unsqueeze(0)
-        if self.encoder_type == "LSTM":
-            x = self.lstm_head(x)[0]
-        return self.mlp_head(x)[0]
-
-
-class PrefixEncoder(nn.Module):
-    """Prefix tuning: per-layer keys and values, optionally through a 2-layer tanh MLP."""
-
-    def __init__(self, config: PrefixTuningConfig) -> None:
-        super().__init__()
-        self.prefix_projection = config.prefix_projection
-        width = config.num_layers * 2 * config.token_dim
-        if self.prefix_projection:
-            self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim)
-            self.transform = nn.Sequential(nn.Linear(config.token_dim, config.encoder_hidden_size), nn.Tanh(),
-                                           nn.Linear(config.encoder_hidden_size, width))
-            if config.init_weights == "zero":
-                nn.init.zeros_(self.transform[-1].weight)
-                nn.init.zeros_(self.transform[-1].bias)
-        else:
-            self.embedding = nn.Embedding(config.num_virtual_tokens, width)
-            if config.init_weights == "zero":
-                nn.init.zeros_(self.embedding.weight)
-
-    def forward(self) -> torch.Tensor:
-        if self.prefix_projection:
-            return self.transform(self.embedding.weight)
-        return self.embedding.weight
-
-
-def _text_init_rows(config: PromptTuningConfig, word_embeddings: nn.Module, rows: int) -> torch.Tensor:
-    if config.prompt_tuning_init == "SAMPLE_VOCAB":
-        ids = torch.randint(0, word_embeddings.num_embeddings, (rows,))
-    else:
-        if not config.tokenizer_name_or_path:
-            raise ConfigError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path")
-        from transformers import AutoTokenizer
-
-        kwargs = dict(config.tokenizer_kwargs or {})
-        kwargs.pop("trust_remote_code", None)  # a config file must not be able to run code
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"tokenizer_name_or_path={config.tokenizer_name_or_path!r}: cannot load a "
-                              f"tokenizer ({type(exc).__name__})") from None
-        token_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
-        if not token_ids:
-            raise ConfigError("prompt_tuning_init_text gives no tokens")
-        token_ids = (token_ids * math.ceil(rows / len(token_ids)))[:rows]
-        ids = torch.tensor(token_ids, dtype=torch.long)
-    weight = word_embeddings.weight
-    with torch.no_grad():
-        return word_embeddings(ids.to(weight.device)).detach().clone().float()
-
-
-def build_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> nn.Module:
-    """A new encoder; in inference mode (peft's rule) just the embedding that holds the output."""
-    rows, dim = output_shape(config)
-    if config.inference_mode:
-        return PromptEmbedding(rows, dim)
-    if isinstance(config, PromptEncoderConfig):
-        return PromptEncoder(config)
-    if isinstance(config, PrefixTuningConfig):
-        return PrefixEncoder(config)
-    encoder = PromptEmbedding(rows, dim)
-    if config.prompt_tuning_init in ("TEXT", "SAMPLE_VOCAB"):
-        with torch.no_grad():
-            encoder.embedding.weight.copy_(_text_init_rows(config, word_embeddings, rows))
-    return encoder
-
-
-# ---- the plumbing --------------------------------------------------------------------------
 def _prepend(t: torch.Tensor, n: int, value: float | int) -> torch.Tensor:
     head = torch.full((t.shape[0], n), value, dtype=t.dtype, device=t.device)
     return torch.cat((head, t), dim=1)
@@ -274,16 +76,40 @@ class PromptLearning:
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
+    # ---- the tuner interface --------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def base_transformer(self) -> nn.Module:
+        return self.model
+
+    def adapter_state_for_disk(self, adapter_name: str, state_dict: Mapping[str, torch.Tensor] | None = None
+                               ) -> tuple[dict[str, torch.Tensor], PromptLearningConfig]:
+        return files.state_dict_for_disk(self, adapter_name, state_dict), self.peft_config[adapter_name]
+
+    def load_adapter_state(self, adapter_name: str, tensors: Mapping[str, torch.Tensor], source: str,
+                           trainable: bool | None = None) -> None:
+        files.load_state_dict_from_disk(self, adapter_name, dict(tensors), source, trainable=trainable)
+
+    @staticmethod
+    def prepare_loaded_config(config: PromptLearningConfig, is_trainable: bool) -> PromptLearningConfig:
+        """A loaded adapter is built in inference mode (no encoder network, no text init: the file
+        holds the encoder's output) and made trainable, if asked, once its rows are loaded."""
+        config.inference_mode = True
+        return config
+
     # ---- adapters --------------------------------------------------------------------------
     @property
     def word_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
         return self.word_embeddings.weight.device
 
-    def add_adapter(self, adapter_name: str, config: PromptLearningConfig) -> None:
-        """Add an adapter (not activated: call ``set_adapter``)."""
+    def add_adapter(self, adapter_name: str, config: PromptLearningConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Add an adapter (not activated: call ``set_adapter``). Any prompt-learning kind may join."""
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists")
         if not getattr(config, "is_prompt_learning", False):
@@ -293,65 +119,38 @@ class PromptLearning:
             first = next(iter(self.peft_config.values()))
             if config.task_type != first.task_type:
                 raise ConfigError(f"task_type {config.task_type} differs from the model's {first.task_type}")
-        heads = [h for h in TASK_HEADS.get(config.task_type, ()) if self._find_heads(h)]
-        if heads:
-            config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
-        encoder = build_encoder(config, self.word_embeddings).to(self._device())
-        self._wrap_heads(config.modules_to_save or [], adapter_name)
+        heads = heads_to_save(self.model, config)
+        if heads != list(config.modules_to_save or []):
+            config.modules_to_save = heads
+        encoder = build_encoder(config, self.word_embeddings).to(self.device)
+        wrap_modules_to_save(self.model, config.modules_to_save or [], adapter_name)
         self.encoders[adapter_name] = encoder
         self.peft_config[adapter_name] = config
         self._set_trainable()
-
-    def _find_heads(self, name: str) -> list[tuple[str, nn.Module]]:
-        """Modules called ``name`` (a wrapper counts; what is inside a wrapper does not)."""
-        return [(n, m) for n, m in self.model.named_modules()
-                if n and (n == name or n.endswith("." + name)) and ".modules_to_save." not in n
-                and ".original_module" not in n]
-
-    def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield name, module
-
-    def _wrap_heads(self, names: list[str], adapter_name: str) -> None:
-        if not names:
-            return
-        wrapped = {n for n, _ in self._wrappers()}
-        found = False
-        for name in names:
-            for path, module in self._find_heads(name):
-                if isinstance(module, ModulesToSaveWrapper) or any(path.startswith(w + ".") for w in wrapped):
-                    continue
-                parent_name, _, child = path.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                setattr(parent, child, ModulesToSaveWrapper(module))
-                wrapped.add(path)
-        for path, wrapper in self._wrappers():
-            if any(path == n or path.endswith("." + n) for n in names):
-                wrapper.add(adapter_name)
-                found = True
-        if not found:
-            raise ConfigError(f"modules_to_save={names} matches no module of the model")
 
     def _set_trainable(self) -> None:
         """Only the active adapter trains (its encoder and heads), unless it is in inference mode."""
         for encoder in self.encoders.values():
             encoder.requires_grad_(False)
-        for _, wrapper in self._wrappers():
+        for _, wrapper in save_wrappers(self.model):
             wrapper.modules_to_save.requires_grad_(False)
         config = self.peft_config.get(self.active_adapter)
         if config is None or config.inference_mode:
             return
         self.encoders[self.active_adapter].requires_grad_(True)
-        for _, wrapper in self._wrappers():
+        for _, wrapper in save_wrappers(self.model):
             if self.active_adapter in wrapper.modules_to_save:
                 wrapper.modules_to_save[self.active_adapter].requires_grad_(True)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool | None = None) -> None:
+        """Activate one adapter; it trains unless its config is in inference mode (``inference_mode``
+        is not used: a loaded prompt adapter is made trainable with ``is_trainable`` instead)."""
+        if not isinstance(adapter_name, str):
+            raise ConfigError("a prompt-learning model has one active adapter at a time; pass its name")
         if adapter_name not in self.peft_config:
             raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
         self.active_adapter = adapter_name
-        for _, wrapper in self._wrappers():
+        for _, wrapper in save_wrappers(self.model):
             wrapper.set_active([adapter_name])
         self._set_trainable()
 
@@ -362,7 +161,7 @@ class PromptLearning:
             raise ConfigError(f"{adapter_name!r} is the only adapter; use get_base_model() for the bare model")
         del self.peft_config[adapter_name]
         del self.encoders[adapter_name]
-        for _, wrapper in self._wrappers():
+        for _, wrapper in save_wrappers(self.model):
             wrapper.delete(adapter_name)
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
@@ -371,7 +170,7 @@ class PromptLearning:
     def disabled(self) -> Iterator[None]:
         """Inside the block forward and generate are the bare base model's (heads included)."""
         was = self._disabled
-        wrappers = [w for _, w in self._wrappers()]
+        wrappers = [w for _, w in save_wrappers(self.model)]
         states = [w.disabled for w in wrappers]
         self._disabled = True
         for w in wrappers:
@@ -452,7 +251,8 @@ class PromptLearning:
             kwargs[name] = value
         return kwargs
 
-    def forward(self, *args: Any, **kwargs: Any):
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+        _no_row_adapters(adapter_names)
         kwargs = self._bind(self.model.forward, args, kwargs)
         kwargs.pop("task_ids", None)
         if self._disabled:
@@ -513,7 +313,8 @@ class PromptLearning:
         returned = kwargs.get("num_return_sequences") or getattr(gen, "num_return_sequences", 1) or 1
         return max(beams, returned)
 
-    def generate(self, *args: Any, **kwargs: Any):
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+        _no_row_adapters(adapter_names)
         if args:
             if len(args) > 1 or kwargs.get("input_ids") is not None:
                 raise TypeError("pass generate's arguments by name (input_ids=..., attention_mask=...)")
@@ -552,70 +353,3 @@ class PromptLearning:
         embeds = self.word_embeddings(input_ids)
         embeds = torch.cat((self.prompts(batch, embeds.dtype), embeds), dim=1)
         return self.model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
-
-    # ---- files ------------------------------------------------------------------------------
-    def state_dict_for_disk(self, adapter_name: str,
-                            state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """peft's tensors: ``prompt_embeddings`` (the encoder output) and any trained heads, from
-        the modules or from ``state_dict``, the PeftModel's full one (``checkpoint.tensor_reader``)."""
-        read = tensor_reader(state_dict)
-        encoder = self.encoders[adapter_name]
-        weights = {pname: read(f"prompt_encoder.{adapter_name}.{pname}", p)
-                   for pname, p in encoder.named_parameters()}
-        with torch.no_grad():
-            out = {DISK_KEY: torch.func.functional_call(encoder, weights, ())}
-        for path, wrapper in self._wrappers():
-            path = clean_path(path)
-            if adapter_name in wrapper.modules_to_save:
-                for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
-                    pname = clean_path(pname)
-                    out[f"{HEAD_PREFIX}{path}.{pname}"] = read(
-                        f"{HEAD_PREFIX}{path}.modules_to_save.{adapter_name}.{pname}", p)
-        return disk_tensors(out)
-
-    def load_state_dict_from_disk(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str,
-                                  trainable: bool | None = None) -> None:
-        """Load peft's tensors into ``adapter_name``; the prompt becomes a plain embedding of them.
-
-        ``trainable`` (default: the config's ``not inference_mode``) makes the loaded rows train.
-        P-tuning's MLP/LSTM and prefix tuning's projection are not in the file, so training goes on
-        from the saved rows directly (said once).
-        """
-        config = self.peft_config[adapter_name]
-        if DISK_KEY not in tensors:
-            raise AdapterFileError(f"{source}: no {DISK_KEY!r} tensor (is this a {config.peft_type.value} "
-                                   f"adapter? keys: {sorted(tensors)[:5]})")
-        value = tensors[DISK_KEY]
-        expected = output_shape(config)
-        if tuple(value.shape) != expected:
-            raise AdapterFileError(f"{source}: {DISK_KEY} has shape {tuple(value.shape)} but this base model needs "
-                                   f"{expected} (was the adapter made for another base model?)")
-        heads = {f"{HEAD_PREFIX}{path}.{pname}": p for path, w in self._wrappers()
-                 if adapter_name in w.modules_to_save
-                 for pname, p in w.modules_to_save[adapter_name].named_parameters()}
-        unexpected = sorted(set(tensors) - set(heads) - {DISK_KEY})
-        if unexpected:
-            raise AdapterFileError(f"{source}: {len(unexpected)} tensors belong to no part of this adapter, e.g. "
-                                   f"{unexpected[0]}")
-        missing = sorted(set(heads) - set(tensors))
-        if missing:
-            raise AdapterFileError(f"{source}: the trained head tensor {missing[0]} is missing")
-        for key, t in tensors.items():
-            if not t.dtype.is_floating_point:
-                raise AdapterFileError(f"{source}: tensor {key} has dtype {t.dtype}, expected a float dtype")
-            if not torch.isfinite(t).all():
-                raise AdapterFileError(f"{source}: tensor {key} holds NaN or inf values")
-        if trainable is None:
-            trainable = not config.inference_mode
-        reparameterised = isinstance(config, PromptEncoderConfig) or getattr(config, "prefix_projection", False)
-        if trainable and reparameterised:
-            warnings.warn(f"{source}: the file holds the {config.peft_type.value} encoder's output only (as in "
-                          f"peft); training continues on those rows directly", stacklevel=3)
-        encoder = PromptEmbedding(*expected).to(self._device())
-        with torch.no_grad():
-            encoder.embedding.weight.copy_(value.to(encoder.embedding.weight.dtype))
-            for key, p in heads.items():
-                p.copy_(tensors[key].to(p.dtype))
-        self.encoders[adapter_name] = encoder
-        config.inference_mode = not trainable
-        self._set_trainable()
