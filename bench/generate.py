@@ -118,10 +118,11 @@ def summarize(record: dict) -> str:
         for key, run in res["runs"].items():
             state, batch = key.split("/")
             same = run["tokens"] == ref.get(batch)
-            rows.append([res["tool"], state, batch, f"{max(run['tok_s']):.1f}", f"{statistics.median(run['tok_s']):.1f}",
-                         "yes" if same else "no"])
+            best, median = max(run["tok_s"]), statistics.median(run["tok_s"])
+            rows.append([res["tool"], state, batch, f"{best:.1f}", f"{median:.1f}", "yes" if same else "no"])
     text = [common.table(rows, ["tool", "weights", "batch", "tok/s best", "tok/s median", "same tokens"])]
-    speed = {(r["tool"], k): max(v["tok_s"]) for r in record["results"] if "error" not in r for k, v in r["runs"].items()}
+    speed = {(r["tool"], k): max(v["tok_s"])
+             for r in record["results"] if "error" not in r for k, v in r["runs"].items()}
     for batch in ("b1", "b8"):
         am, au, pu = (speed.get(("adaptune", f"merged/{batch}")), speed.get(("adaptune", f"unmerged/{batch}")),
                       speed.get(("peft", f"unmerged/{batch}")))
@@ -144,7 +145,8 @@ def summary(paths: list[str]) -> str:
             if am and au and pu:
                 ratios_m.append(au / am)
                 ratios_p.append(au / pu)
-                out.append(f"batch {batch[1:]}: adaptune unmerged {au:.1f}, merged {am:.1f}, peft unmerged {pu:.1f} tok/s")
+                out.append(f"batch {batch[1:]}: adaptune unmerged {au:.1f}, merged {am:.1f}, "
+                           f"peft unmerged {pu:.1f} tok/s")
         if ratios_m:
             m, lo, hi = common.median_spread(ratios_m)
             pm, plo, phi = common.median_spread(ratios_p)

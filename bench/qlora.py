@@ -22,7 +22,8 @@ One run measures every variant the same way:
 * the same data: the start of ``src/adaptune/resources/shakespeare.txt`` in 128-token blocks for
   training, a later disjoint slice for validation;
 * the same LoRA (r=8, alpha=16, dropout 0, q_proj and v_proj unless ``--targets``; same seed so the
-  same initial adapter, except where LoftQ sets it), AdamW, the same steps, gradient checkpointing on for all (QLoRA's recipe);
+  same initial adapter, except where LoftQ sets it), AdamW, the same steps, gradient checkpointing
+  on for all (QLoRA's recipe);
 * each variant in its own subprocess, so peak RSS is its own: the kernel's high-water mark is
   reset (``/proc/self/clear_refs``) after loading, so the peak is the training loop's;
 * by default the subprocesses run at once, the cores shared out (one thread each on 2 cores): they
@@ -242,7 +243,8 @@ def main() -> None:
     p.add_argument("--block", type=int, default=128, help="tokens per block (default 128)")
     p.add_argument("--val-blocks", type=int, default=12, help="validation blocks (default 12)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per worker (default: the cores shared out among the variants, all cores with --sequential)")
+                   help="torch threads per worker (default: the cores shared out among the variants, "
+                        "all cores with --sequential)")
     p.add_argument("--sequential", action="store_true",
                    help="run the variants one after the other (default: all at once, one process each)")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -176,8 +176,9 @@ def op_profile(tokens: int) -> None:
         rate = f", {flops / t / 1e3:.0f} GFLOP/s = {100 * flops / t / 1e3 / gemm:.0f}% of GEMM" if flops else ""
         print(f"  {kind:34}: {100 * t / total:4.1f}% of the step{rate}")
     rest = sorted((e for e in events if e.key not in seen), key=lambda e: -e.self_cpu_time_total)
-    print(f"  {'everything else':34}: {100 * sum(e.self_cpu_time_total for e in rest) / total:4.1f}%, most: " + ", ".join(
-        f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.1f}%" for e in rest[:6]))
+    rest_share = 100 * sum(e.self_cpu_time_total for e in rest) / total
+    most = ", ".join(f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.1f}%" for e in rest[:6])
+    print(f"  {'everything else':34}: {rest_share:4.1f}%, most: {most}")
     print("  the biggest products by shape (operands), their share of the step and rate:")
     products = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key in kinds[next(iter(kinds))]),
                       key=lambda e: -e.self_cpu_time_total)

@@ -191,7 +191,8 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
 
 def report(record: dict) -> str:
     gflops = record["gflops"]
-    lines = [f"machine: {record.get('precision', 'fp32')} GEMM {gflops['start']:.1f} GFLOP/s at start, {gflops['end']:.1f} at end; "
+    precision = record.get("precision", "fp32")
+    lines = [f"machine: {precision} GEMM {gflops['start']:.1f} GFLOP/s at start, {gflops['end']:.1f} at end; "
              f"load {record['load_start']} at start, {record['load_end']} at end; torch threads {record['threads']}"]
     rows = []
     for r in record["results"]:
@@ -275,7 +276,8 @@ def summary(paths: list[str]) -> str:
     gf = [f"{run['gflops']['mean']:.1f}" for run in runs]
     loads = [run["load_start"].split(" (")[0] for run in runs]
     precisions = sorted({run.get("precision", "fp32") for run in runs})
-    text.append(f"{'/'.join(precisions)} GEMM GFLOP/s per run: {', '.join(gf)}; load at start of each run: {'; '.join(loads)}")
+    text.append(f"{'/'.join(precisions)} GEMM GFLOP/s per run: {', '.join(gf)}; "
+                f"load at start of each run: {'; '.join(loads)}")
     return "\n".join(text)
 
 
@@ -293,7 +295,8 @@ def main() -> None:
     ap.add_argument("--wait-quiet", type=float, default=120,
                     help="before each variant, wait up to this many seconds for other processes to go idle")
     ap.add_argument("--retries", type=int, default=1,
-                    help=f"run a variant again (this many times) when other processes took > {round(100 * NOISY)}%% of the CPUs")
+                    help=f"run a variant again (this many times) when other processes took > "
+                         f"{round(100 * NOISY)}%% of the CPUs")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for every tool; GEMM speed in bf16")
     ap.add_argument("--summary", nargs="+", help="print medians and spread of saved result files")
     args = ap.parse_args()

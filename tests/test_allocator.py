@@ -42,8 +42,8 @@ with applied(torch.nn.Linear(2, 2), Speedups()):
         if rows in (200, 400):
             marks.append(in_use_mb())
 print(json.dumps({"growth_mb": marks[1] - marks[0],
-                  "env": {k: os.environ.get(k) for k in %r}}))
-""" % (ONEDNN_CACHE_VARIABLES,)
+                  "env": {k: os.environ.get(k) for k in VARIABLES}}))
+""".replace("VARIABLES", repr(ONEDNN_CACHE_VARIABLES))
 
 
 def _probe(env: dict[str, str]) -> dict:

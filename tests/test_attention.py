@@ -151,7 +151,8 @@ def test_examples_of_one_length_in_several_rows_match_too():
     model = tiny_llama()
     model.config.use_cache = False
     _, ids, pos = _packed([4, 4, 3, 4], seed=2)
-    ids, pos = torch.cat([ids, ids.roll(3, 1)]), torch.cat([pos, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]])])
+    other = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]])
+    ids, pos = torch.cat([ids, ids.roll(3, 1)]), torch.cat([pos, other])
     with torch.no_grad():
         want = model(input_ids=ids, position_ids=pos).logits
         with packed_attention(model):

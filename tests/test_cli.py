@@ -154,7 +154,8 @@ def test_out_of_range_numbers_stop_at_the_command_line(argv, text, capsys):
 
 
 def test_negative_switches_and_single_target_names_reach_the_job(tmp_path):
-    from adaptune.cli import build_parser, job_from_args
+    from adaptune.cli import build_parser
+    from adaptune.cli.train import job_from_args
 
     def job(*argv):
         return job_from_args(build_parser().parse_args(["train", *argv]))

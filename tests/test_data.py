@@ -411,7 +411,7 @@ def test_first_fit_matches_the_plain_algorithm():
 def test_pack_examples_keeps_examples_whole(tokenizer):
     rng = random.Random(1)
     examples = []
-    for i in range(40):
+    for _ in range(40):
         n = rng.randint(2, 12)
         toks = [rng.randint(3, 150) for _ in range(n)]
         labels = [IGNORE_INDEX] * (n // 2) + toks[n // 2:]

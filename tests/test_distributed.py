@@ -66,7 +66,7 @@ def test_train_command_ends_the_process_group_it_ran_under(monkeypatch, tmp_path
 
     import torch.distributed as dist
 
-    from adaptune import cli
+    from adaptune.cli import train as cli
     from adaptune.training import run as recipe
 
     def run_train(job):

@@ -204,7 +204,8 @@ def _lora_llama_step(fuse, targets: list[str]):
     ids = torch.randint(0, 100, (2, 7))
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    return switched, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return switched, out.loss.detach(), grads, model
 
 
 def test_fuse_gated_mlps_switches_llama_mlps_and_training_is_unchanged():
@@ -297,7 +298,8 @@ def test_lora_output_added_in_one_addmm_matches_base_plus_b_of_a():
 
 
 def test_dropout_linear_backward_under_cpu_bf16_autocast_gives_gradients_in_the_inputs_dtypes():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=P, target_modules=["q_proj", "v_proj"]))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=P, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(tiny_llama(), config)
     nonzero_lora_b(model)
     model.train()
     ids = torch.randint(0, 100, (2, 7))

@@ -343,7 +343,7 @@ def _compare(reference: Path, out: Path) -> None:
     a, b = load_file(reference / WEIGHTS), load_file(out / WEIGHTS)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=lambda m: f"{out}: {key}: {m}")
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=lambda m, key=key: f"{out}: {key}: {m}")
 
 
 # ---- campaigns -----------------------------------------------------------------------------------
@@ -413,7 +413,8 @@ def run_kill_campaigns(root: Path, zygote: Zygote, plan: list[str], steps: int, 
                         phase = "checkpoint write"
                     elif phase == "training" and any("rotation" in n for n in notes):
                         phase = "checkpoint rotation"
-                    stats.kills.append({"anchor": anchor, "phase": phase, "at_s": round(time.monotonic() - run.started, 2),
+                    at_s = round(time.monotonic() - run.started, 2)
+                    stats.kills.append({"anchor": anchor, "phase": phase, "at_s": at_s,
                                         "checkpoint": f"{step_before}->{_last_step(out)}", "notes": notes})
                     attempt += 1
                     stats.resumes += 1

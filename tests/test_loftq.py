@@ -269,8 +269,8 @@ def test_cli_trains_qlora_with_loftq_and_mixed_layers(model_dir, tmp_path):
     out = tmp_path / "adapter"
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(out),
                  "--method", "qlora", "--lora-init", "loftq", "--loftq-iter", "2", "--int8-modules", "down_proj",
-                 "--targets", "all-linear", "--max-steps", "6", "--lr", "1e-2", "--max-length", "32", "--batch-size", "4",
-                 "--eval-every", "0"]) == 0
+                 "--targets", "all-linear", "--max-steps", "6", "--lr", "1e-2", "--max-length", "32",
+                 "--batch-size", "4", "--eval-every", "0"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "loftq"
     assert config["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2, "loftq_bits_pattern": {"down_proj": 8}}

@@ -296,8 +296,9 @@ def test_default_targets_exist_for_common_architectures(model_type):
 
 
 def test_rank_and_alpha_patterns_apply_per_module():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                    rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 1}))
+    model = get_peft_model(tiny_llama(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+        alpha_pattern={"layers.1.self_attn.q_proj": 1}))
     layers = model.get_base_model().model.layers
     assert layers[0].self_attn.v_proj.specs["default"].r == 2
     assert layers[0].self_attn.q_proj.specs["default"].scaling == 2.0

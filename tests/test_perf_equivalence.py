@@ -244,8 +244,11 @@ def test_trainer_chunked_loss_and_micro_batches_train_exactly_as_plain(tmp_path,
 
     rows_seen = []
     real = loss_module.causal_lm_loss
-    monkeypatch.setattr(loss_module, "causal_lm_loss",
-                        lambda model, inputs, *a, **k: rows_seen.append(len(inputs["input_ids"])) or real(model, inputs, *a, **k))
+    def counted(model, inputs, *a, **k):
+        rows_seen.append(len(inputs["input_ids"]))
+        return real(model, inputs, *a, **k)
+
+    monkeypatch.setattr(loss_module, "causal_lm_loss", counted)
     _, ref_losses, ref_w = train_lora(tmp_path, "plain", packing, chunked_loss=False, fused_mlp_activation=False,
                                       fused_rms_norm=False, packed_attention=False)
     assert rows_seen == []
@@ -375,8 +378,9 @@ def test_lora_forward_is_base_plus_scaled_delta(dropout):
         xd = x * dropout_mask(x, dropout) / (1 - dropout) if training and dropout else x
         ref = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](xd)) * layer.scaling("default")
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-        g_got = torch.autograd.grad(got.square().sum(), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight])
-        g_ref = torch.autograd.grad(ref.square().sum(), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight])
+        wrt = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        g_got = torch.autograd.grad(got.square().sum(), wrt)
+        g_ref = torch.autograd.grad(ref.square().sum(), wrt)
         for a, b in zip(g_got, g_ref):  # fp32 sums in another order (dropout's scale on the r-wide side)
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

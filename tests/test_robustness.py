@@ -294,7 +294,8 @@ def test_trust_remote_code_is_off_unless_asked():
     import inspect
 
     from adaptune import hub as models
-    from adaptune.cli import build_parser, job_from_args
+    from adaptune.cli import build_parser
+    from adaptune.cli.train import job_from_args
     from adaptune.training.job import TrainJob
 
     for fn in (models.load_model, models.load_tokenizer, models.load_config):
@@ -544,7 +545,8 @@ def _writes(tree: ast.AST):
             continue
         func = node.func
         if isinstance(func, ast.Name) and func.id == "open":
-            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            keyword = next((k.value for k in node.keywords if k.arg == "mode"), None)
+            mode = node.args[1] if len(node.args) > 1 else keyword
             if isinstance(mode, ast.Constant) and any(c in str(mode.value) for c in "wax+"):
                 yield node
         elif isinstance(func, ast.Attribute) and func.attr in WRITE_CALLS:

@@ -15,8 +15,9 @@ from adaptune.errors import AdapterFileError
 from tests.tiny import make_tokenizer, tiny_gpt2, tiny_llama
 
 CASES = {
-    "lora-dora-bias-head": (tiny_llama, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                           use_dora=True, bias="lora_only", modules_to_save=["lm_head"])),
+    "lora-dora-bias-head": (tiny_llama, lambda: LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, bias="lora_only",
+        modules_to_save=["lm_head"])),
     "lora-gpt2-slices-bias-all": (tiny_gpt2, lambda: LoraConfig(r=2, target_modules=["q_attn", "v_attn"], bias="all",
                                                                 fan_in_fan_out=True)),
     "prompt-tuning": (tiny_llama, lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),

@@ -244,6 +244,21 @@ def load_config(name: str | os.PathLike | None = None, trust_remote_code: bool =
                  trust_remote_code=trust_remote_code)
 
 
+def meta_model(name_or_config: Any = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's architecture on the meta device (shapes, no data): nothing is read or downloaded
+    but its config. A causal LM where the config has one, else the bare model."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = name_or_config
+    if config is None or isinstance(config, (str, os.PathLike)):
+        config = load_config(config, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except ValueError:
+            return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+
+
 # --------------------------------------------------------------------------- tokenizer
 def load_tokenizer(name: str | os.PathLike | None = None, trust_remote_code: bool = False,
                    padding_side: str = "right"):
@@ -393,7 +408,7 @@ def load_model_and_tokenizer(name: str | os.PathLike | None = None, **kw: Any):
 
 __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_HUB_ID", "TASK_CLASSES", "auto_class_for_task", "default_gguf_path",
-    "describe_model", "embedded_model_installed", "load_config", "portable_name",
+    "describe_model", "embedded_model_installed", "load_config", "meta_model", "portable_name",
     "load_model", "load_model_and_tokenizer", "load_tokenizer", "names_embedded_default",
     "resolve_model_source",
 ]

@@ -23,6 +23,7 @@ import torch
 
 from .. import device
 from ..errors import ConfigError
+from ..hub import describe_model
 from .job import TrainJob
 from .methods import PROMPT_METHODS, load_base, wrap_model
 
@@ -50,7 +51,7 @@ def run_train(job: TrainJob, say: Say = _say) -> dict:
     started = time.time()
     out = _prepare_output(job)
     torch.manual_seed(job.seed)
-    say(f"loading {job.model or 'SmolLM2-135M-Instruct (embedded)'} ...")
+    say(f"loading {describe_model(job.model)} ...")
     model, tokenizer = load_base(job)
     data = _datasets(job, model, tokenizer, say)
     result: dict[str, Any] = {"train_blocks": len(data.train), "val_blocks": len(data.val)}
@@ -91,7 +92,8 @@ def _refuse_sharded_launch() -> None:
     import os
 
     fsdp = device.launched_with("ACCELERATE_USE_FSDP")
-    zero3 = device.launched_with("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    zero3 = (device.launched_with("ACCELERATE_USE_DEEPSPEED")
+             and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
     if (fsdp or zero3) and device.accelerator_type() is not None:
         raise ConfigError(f"adaptune train runs several processes as DDP (torchrun, or accelerate launch without "
                           f"{'--use_fsdp' if fsdp else 'ZeRO stage 3'}): it evaluates and saves on one process, which "

@@ -310,3 +310,17 @@ def _slice_rows(model: nn.Module, module: nn.Module, leaf: str, chosen: tuple[st
         raise TargetError(f"cannot split {leaf} ({out} outputs) into {len(all_names)} equal slices")
     size = out // len(all_names)
     return tuple((all_names.index(s) * size, (all_names.index(s) + 1) * size) for s in chosen)
+
+
+def lora_pairs(model: nn.Module, target_modules: str | Sequence[str] | None) -> dict[str, list[tuple[int, int]]]:
+    """Module name -> ``(in, out)`` of each A/B pair LoRA puts on it (one per fused slice)."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    for t in resolve_targets(model, target_modules):
+        fan_in, fan_out = in_out_features(model.get_submodule(t.name))
+        found[t.name] = [(fan_in, stop - start) for start, stop in t.slices] if t.slices else [(fan_in, fan_out)]
+    return found
+
+
+def lora_parameter_count(pairs: dict[str, list[tuple[int, int]]], r: int) -> int:
+    """Parameters a rank-``r`` LoRA with these :func:`lora_pairs` adds: ``r * (in + out)`` per pair."""
+    return sum(r * (fan_in + fan_out) for layer in pairs.values() for fan_in, fan_out in layer)
