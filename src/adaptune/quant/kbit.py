@@ -77,7 +77,7 @@ def release_checkpoint_mapping(model: nn.Module) -> int:
     transformers memory-maps a safetensors checkpoint and leaves the weights it does not quantize
     (embeddings, norms, the head) as views of that mapping. The mapping then stays alive, and
     with it every page that quantizing the linear layers read: the whole full-precision checkpoint
-    stays resident (clean file pages, counted in RSS; about 400 MB for SmolLM2-135M). Copying the
+    stays resident (clean file pages, counted in RSS). Copying the
     few float weights lets it go. Returns the bytes copied.
     """
     copied = 0

@@ -14,8 +14,7 @@ batch of short examples becomes one row with no padding at all (``BatchPackingCo
 wide ``max_length``). This is what FlashAttention-2's variable-length path does on a GPU
 (``cu_seqlens`` from ``position_ids``), written with PyTorch's own kernel so it runs on a CPU.
 Examples of one length run as one batched call; when every row is cut into examples of one
-length (full blocks), that call reads views of the rows, with no copy in or out (2-4% of a
-SmolLM2 step on 512-1,024-token rows, alternating A/B steps in one process).
+length (full blocks), that call reads views of the rows, with no copy in or out.
 
 Anything else (a padding mask, a KV cache, one token at a time) goes to transformers' ``sdpa``
 unchanged. :func:`packed_attention` switches a model from ``sdpa`` to this for a block of code.
@@ -142,9 +141,9 @@ def _fp32_on_cpu(query: torch.Tensor) -> bool:
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, scale: float | None,
                  gqa: bool) -> torch.Tensor:
-    """Causal SDPA; under CPU autocast in fp32, not bf16: the CPU's fused kernel took 1.8-2.9x as
-    long in bf16 as in fp32 for 8 examples of 50-128 tokens (forward + backward), and as long at
-    512. A precision gain at no cost in time, for about 3 KB more kept per token and layer."""
+    """Causal SDPA; under CPU autocast in fp32, not bf16: the CPU's fused kernel is slower in bf16
+    than in fp32 for example lengths like these (docs/benchmarks.md), so fp32 is a precision gain
+    at no cost in time, for a little more kept per token and layer."""
     if _fp32_on_cpu(q):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=p, is_causal=True,

@@ -19,8 +19,8 @@ __all__ = ["dropout_linear", "dropout_mask"]
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """Bool keep-mask shaped like ``like``: each element kept with probability 1 - p (p rounded to a
-    multiple of 1/65536). One random 64-bit word gives four 16-bit draws: a third of the time of
-    ``torch.rand(...) >= p`` on a CPU, where drawing the masks was 3% of a LoRA step."""
+    multiple of 1/65536). One random 64-bit word gives four 16-bit draws: far cheaper on a CPU
+    than ``torch.rand(...) >= p``, one float draw per element (docs/benchmarks.md)."""
     n = like.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
     words.random_(torch.iinfo(torch.int64).min, None)  # all 64 bits uniform
@@ -35,7 +35,7 @@ class _DropoutLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
         # the 1 / (1 - p) goes on the r-wide output, not the x-wide input: one temporary, not two
         scale = 1.0 / (1.0 - p)
-        # where(), not x * mask: multiplying by a bool tensor first copies it to x's dtype (6x slower)
+        # where(), not x * mask: multiplying by a bool tensor first copies it to x's dtype
         out = F.linear(torch.where(mask, x, 0.0), weight).mul_(scale)
         ctx.save_for_backward(x, weight, mask)
         ctx.scale = scale

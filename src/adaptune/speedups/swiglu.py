@@ -4,10 +4,9 @@ layer, more than half of what a q/v LoRA step keeps on such a model. This keeps 
 makes silu(gate) again in backward (elementwise, no matmul). ``fuse_gated_mlps`` switches a
 model's MLP modules to it where a numerical probe shows the module computes exactly that. There,
 gate and up are the MLP's own fresh tensors, which nothing else holds, so backward writes the two
-gradients into their memory (``reuse_inputs``) instead of two new intermediate-wide buffers. On a
-CPU, writing a fresh buffer that is not in cache made those two ops the slowest elementwise work
-of a SmolLM2 step (torch.profiler, 512 tokens: 1.2-4.3 ms each, against 0.06-0.07 ms in place);
-the step as a whole ran 1-2 % faster (alternating A/B steps in one process).
+gradients into their memory (``reuse_inputs``) instead of two new intermediate-wide buffers: on a
+CPU, writing a fresh buffer that is not in cache is far slower than writing in place, and those
+two ops were the slowest elementwise work of a step (docs/benchmarks.md).
 """
 
 from __future__ import annotations

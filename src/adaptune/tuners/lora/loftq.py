@@ -24,9 +24,8 @@ Differences from peft's ``loftq_init``, which returns a float weight equal to th
   L; peft sets B @ A = L, which applies scaling * L when alpha != r.
 
 The SVD is a full one (``torch.linalg.svd``): a quantization error is close to white noise, with
-a flat spectrum, and a randomized ``torch.svd_lowrank`` (25x faster) missed a third of the best
-rank-8 fit on such a matrix (measured here). Five iterations over SmolLM2-135M's 210 projections
-take about a minute on 2 CPU cores.
+a flat spectrum, and a randomized ``torch.svd_lowrank``, much faster, misses much of the best
+low-rank fit on such a matrix (docs/benchmarks.md).
 """
 
 from __future__ import annotations
