@@ -31,13 +31,13 @@ class AutoPeftModel:
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
                         revision: str | None = None, **kwargs: Any) -> PeftModel:
-        from .hub import _task_key, auto_class_for_task, load_model, names_embedded_default
+        from .hub import auto_class_for_task, load_model, names_embedded_default, task_key
 
         folder = resolve_adapter_folder(pretrained_model_name_or_path)
         peft_config = config or PeftConfig.from_pretrained(folder)
         saved_task = getattr(peft_config.task_type, "value", peft_config.task_type)
         task = cls.task or saved_task or "CAUSAL_LM"
-        if cls.task and saved_task and _task_key(saved_task) != _task_key(cls.task):
+        if cls.task and saved_task and task_key(saved_task) != task_key(cls.task):
             raise ConfigError(f"{folder} is a {saved_task} adapter; load it with the AutoPeftModel class for "
                               f"that task (or AutoPeftModel), not {cls.__name__}")
         base_name = peft_config.base_model_name_or_path

@@ -299,7 +299,7 @@ def load_tokenizer(name: str | os.PathLike | None = None, trust_remote_code: boo
 
 
 # --------------------------------------------------------------------------- model
-def _task_key(task: Any) -> str:
+def task_key(task: Any) -> str:
     raw = getattr(task, "value", task)
     key = str(raw).strip().upper().replace("-", "_")
     if key not in TASK_CLASSES:
@@ -311,7 +311,7 @@ def auto_class_for_task(task: Any = "CAUSAL_LM"):
     """The transformers ``AutoModelFor...`` class that builds a model for ``task``."""
     import transformers
 
-    return getattr(transformers, TASK_CLASSES[_task_key(task)])
+    return getattr(transformers, TASK_CLASSES[task_key(task)])
 
 
 def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM",
@@ -327,7 +327,7 @@ def load_model(name: str | os.PathLike | None = None, *, task: Any = "CAUSAL_LM"
     weights are placed by transformers (``device_map``) instead of moved afterwards.
     ``num_labels`` is for the classification tasks.
     """
-    key = _task_key(task)
+    key = task_key(task)
     auto_cls = auto_class_for_task(key)
     source, extra = resolve_model_source(name)
     label = describe_model(name)

@@ -190,7 +190,7 @@ def _train(job: TrainJob, trainer: Any, out: Path, result: dict, say: Say) -> No
         return
     # transformers would train one step past max_steps when resumed from the last checkpoint
     say(f"training had reached step {finished['global_step']} in {checkpoint}; finishing from there")
-    trainer._load_from_checkpoint(checkpoint)
+    trainer.load_checkpoint(checkpoint)
     result["steps"] = finished["global_step"]
     result["train_loss"] = logged_train_loss(finished)
     if (out / "metrics.jsonl").is_file():

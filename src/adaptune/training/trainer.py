@@ -254,6 +254,11 @@ class Trainer(transformers.Trainer):
 
     # ---- saving and loading adapters ---------------------------------------------------------
 
+    def load_checkpoint(self, checkpoint: str) -> None:
+        """Load a checkpoint's weights into the model (the adapter's, for an adapter model), as
+        resuming would, without training."""
+        self._load_from_checkpoint(checkpoint)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """An adapter model (adaptune's or peft's) as peft's adapter folder (see
         :mod:`adaptune.training.checkpoints`); anything else as transformers saves it."""

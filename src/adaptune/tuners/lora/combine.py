@@ -71,7 +71,7 @@ def add_weighted_adapter(tuner: LoraModel, adapters: Sequence[str], weights: Seq
         if source is not None:
             import copy
             wrapper.modules_to_save[adapter_name] = copy.deepcopy(wrapper.modules_to_save[source])
-    tuner._set_trainable()
+    tuner.refresh_trainable()
 
 
 def _combine_into(layer: LoraLayer, present: list[tuple[str, float]], new: str, how: str) -> None:

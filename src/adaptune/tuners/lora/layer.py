@@ -254,7 +254,7 @@ class LoraLayer(nn.Module):
             raise ValueError(f"merging adapters {list(names)} gives NaN or inf weights; the model was left unmerged")
         return weight
 
-    def _write_base_weight(self, weight: torch.Tensor) -> None:
+    def write_base_weight(self, weight: torch.Tensor) -> None:
         if self.kind in QUANT_KINDS:
             raise ConfigError("cannot merge in place into a quantized layer; use merge_and_unload(), which dequantizes")
         target = self.base_layer.weight
@@ -267,7 +267,7 @@ class LoraLayer(nn.Module):
                  if n not in self.merged_adapters and n in self.specs]
         if not names:
             return
-        self._write_base_weight(self.merged_weight(names, safe=safe))
+        self.write_base_weight(self.merged_weight(names, safe=safe))
         self.merged_adapters.extend(names)
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
@@ -284,7 +284,7 @@ class LoraLayer(nn.Module):
             else:
                 weight = weight - delta
             self.merged_adapters.remove(name)
-        self._write_base_weight(weight)
+        self.write_base_weight(weight)
 
     # ---- forward -------------------------------------------------------------------------
     def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:

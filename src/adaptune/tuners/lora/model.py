@@ -149,7 +149,7 @@ class LoraModel(nn.Module):
             module.add(adapter_name, spec, upcast=autocast_adapter_dtype)
         wrap_modules_to_save(self.model, save_names, adapter_name)
         self.peft_config[adapter_name] = config
-        self._set_trainable()
+        self.refresh_trainable()
         if any(layer.kind in QUANT_KINDS for _, layer in self.lora_layers()):
             from ...quant.kbit import keep_trainable_layout
 
@@ -199,7 +199,7 @@ class LoraModel(nn.Module):
                    if loftq.loftq_iter > 1 else ""), stacklevel=4)
 
     # ---- state -----------------------------------------------------------------------------
-    def _set_trainable(self) -> None:
+    def refresh_trainable(self) -> None:
         """Only active adapters that are not in inference mode train (plus bias per config)."""
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -237,7 +237,7 @@ class LoraModel(nn.Module):
             wrapper.set_active(names)
         self.active_adapter = names[0]
         self.active_adapters = names  # several at once: their outputs add up
-        self._set_trainable()
+        self.refresh_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -317,5 +317,5 @@ def _merged_base(layer: LoraLayer, names: Sequence[str], safe: bool) -> nn.Modul
         from ...quant.dequant import float_linear_from
 
         return float_linear_from(layer.base_layer, weight)
-    layer._write_base_weight(weight)
+    layer.write_base_weight(weight)
     return layer.base_layer

@@ -91,4 +91,4 @@ def load_state_dict_from_disk(tuner: PromptLearning, adapter_name: str, tensors:
             p.copy_(tensors[key].to(p.dtype))
     tuner.encoders[adapter_name] = encoder
     config.inference_mode = not trainable
-    tuner._set_trainable()
+    tuner.refresh_trainable()

@@ -126,9 +126,9 @@ class PromptLearning:
         wrap_modules_to_save(self.model, config.modules_to_save or [], adapter_name)
         self.encoders[adapter_name] = encoder
         self.peft_config[adapter_name] = config
-        self._set_trainable()
+        self.refresh_trainable()
 
-    def _set_trainable(self) -> None:
+    def refresh_trainable(self) -> None:
         """Only the active adapter trains (its encoder and heads), unless it is in inference mode."""
         for encoder in self.encoders.values():
             encoder.requires_grad_(False)
@@ -152,7 +152,7 @@ class PromptLearning:
         self.active_adapter = adapter_name
         for _, wrapper in save_wrappers(self.model):
             wrapper.set_active([adapter_name])
-        self._set_trainable()
+        self.refresh_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
