@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -221,3 +222,31 @@ def test_an_adapter_of_the_embedded_default_records_its_hub_id(monkeypatch):
     monkeypatch.setattr(hub, "embedded_model_installed", lambda: False)  # then it is a hub id like any other
     assert not hub.names_embedded_default("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert hub.names_embedded_default("SmolLM2-135M-Instruct (embedded GGUF)")  # what older versions wrote
+
+
+def test_bf16_training_keeps_held_out_loss_within_one_percent_of_fp32(model_dir, text_file, tmp_path, capsys):
+    """The default picks bf16 products wherever they are native; on the same examples that must
+    not cost accuracy: the held-out loss after training is within 1% of fp32 training's."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["train", "--model", str(model_dir), "--data", str(text_file), "--output", str(out),
+                     "--precision", precision, "--max-steps", "8", "--max-length", "32", "--batch-size", "4",
+                     "--lr", "1e-2", "--eval-every", "0", "--val-fraction", "0.1"]) == 0
+        assert f"precision: {precision} (asked for" in capsys.readouterr().out
+        result = json.loads((out / "train_result.json").read_text())
+        losses[precision] = math.log(result["ppl_after"])
+        assert result["ppl_after"] < result["ppl_before"]
+    assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.01, losses
+
+
+def test_train_says_which_precision_auto_chose_and_why(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("adaptune.device.accelerator_type", lambda: None)
+    monkeypatch.setattr("adaptune.device.bf16_native", lambda where: False)
+    argv = ["train", "--model", str(model_dir), "--data", str(text_file), "--max-steps", "1", "--max-length", "32",
+            "--batch-size", "2", "--eval-every", "0"]
+    assert main([*argv, "--output", str(tmp_path / "a")]) == 0
+    assert "precision: fp32 (auto: this CPU has no AVX512-BF16 or AMX" in capsys.readouterr().out
+    monkeypatch.setattr("adaptune.device.bf16_native", lambda where: True)
+    assert main([*argv, "--output", str(tmp_path / "b")]) == 0
+    assert "precision: bf16 (auto: this CPU has AVX512-BF16 or AMX" in capsys.readouterr().out

@@ -65,3 +65,22 @@ def test_best_precision(monkeypatch):
     assert device.best_precision(use_cpu=True) == ("fp32", "CPU")
     monkeypatch.setattr(device, "cuda_bf16_native", lambda: True)
     assert device.best_precision() == ("bf16", "cuda")
+
+
+@pytest.mark.parametrize("accelerator, native, expect", [
+    (None, True, "bf16"),     # a CPU with AVX512-BF16 or AMX
+    (None, False, "fp32"),    # a CPU without: bf16 would run in a slow fallback
+    ("cuda", True, "bf16"),
+    ("cuda", False, "fp16"),  # a pre-Ampere GPU
+])
+def test_auto_precision_is_16_bit_where_the_hardware_computes_it(monkeypatch, accelerator, native, expect):
+    monkeypatch.setattr(device, "accelerator_type", lambda: accelerator)
+    monkeypatch.setattr(device, "bf16_native", lambda where: native)
+    chosen = device.training_precision("auto")
+    assert chosen.name == expect and chosen.reason.startswith("auto: ")
+    assert ("AVX512-BF16 or AMX" in chosen.reason) == (accelerator is None)
+    kept = device.training_precision("fp32")
+    assert kept.name == "fp32" and kept.reason == "asked for"
+    assert ("slowly" in device.training_precision("bf16").reason) == (not native)
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        device.training_precision("int8")

@@ -12,10 +12,13 @@ products in a slow fallback, far behind fp32.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ConfigError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # Spellings users write for a dtype (CLI, YAML, Python) -> the torch dtype.
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -117,6 +120,44 @@ def best_precision(use_cpu: bool = False) -> tuple[str, str]:
     if bf16_native(device):
         return "bf16", device
     return "fp16", device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision training runs in, and why it was chosen (said in the run's output)."""
+
+    name: str  # "bf16", "fp16" or "fp32": the autocast dtype of the products, or none
+    reason: str
+
+    @property
+    def bf16(self) -> bool:
+        return self.name == "bf16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.name == "fp16"
+
+
+def training_precision(requested: str = "auto", use_cpu: bool = False) -> Precision:
+    """What ``auto`` means: 16-bit products (autocast; weights and adapters keep their dtype)
+    wherever the hardware computes them natively, fp32 elsewhere. An explicit choice is kept."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    where = None if use_cpu else accelerator_type()
+    label = where or "CPU"
+    if requested != "auto":
+        slow = requested == "bf16" and not bf16_native(where or "cpu")
+        note = f"; {label} has no native bf16, so its products run slowly" if slow else ""
+        return Precision(requested, f"asked for{note}")
+    if bf16_native(where or "cpu"):
+        native = "AVX512-BF16 or AMX" if where is None else "native bf16"
+        return Precision("bf16", f"auto: this {label} has {native}; bf16 products, fp32 adapter weights")
+    if where == "cuda":
+        return Precision("fp16", "auto: this GPU has no native bf16; fp16 products, fp32 adapter weights")
+    if where is None:
+        return Precision("fp32", "auto: this CPU has no AVX512-BF16 or AMX, so bf16 products would run in a "
+                                 "slow fallback")
+    return Precision("fp32", f"auto: no 16-bit path chosen for {label}")
 
 
 def launched_with(flag: str) -> bool:

@@ -48,7 +48,12 @@ def _method_flags(p: argparse.ArgumentParser, d) -> None:
                         "weights (LoftQ; --method qlora or --quantize nf4/int8). Default: a zero adapter")
     p.add_argument("--loftq-iter", type=int, help=f"LoftQ's alternating iterations (default {d.loftq_iter})")
     p.add_argument("--virtual-tokens", type=int, help=f"prompt/prefix methods (default {d.virtual_tokens})")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 | auto (the checkpoint's; default: by hardware)")
+    p.add_argument("--dtype", help="the base's weights: float32 | bfloat16 | float16 | auto (the checkpoint's; "
+                                   "default: by hardware)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="the products' precision (autocast; adapters stay fp32). auto (default): bf16 where the "
+                        "hardware computes it natively (recent GPUs, CPUs with AVX512-BF16 or AMX), fp16 on "
+                        "older GPUs, else fp32; the run says which and why")
 
 
 def _data_flags(p: argparse.ArgumentParser, d) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..device import PRECISIONS
 from ..errors import ConfigError
 from ..schema import conforms, describe_hint
 from ..tuners.targets import parse_targets
@@ -59,6 +60,7 @@ class TrainJob:
     sample_prompt: str = SAMPLE_PROMPT
     sample_tokens: int = 48
     dtype: str | None = None
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32: the products' precision (autocast)
     logging_steps: int = 5
     trust_remote_code: bool = False  # run Python files that come with the model; only when asked
 
@@ -66,6 +68,8 @@ class TrainJob:
         _check_job_types(self)
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
         if self.quantize_embeddings and self.method not in ("lora", "dora", "qlora"):

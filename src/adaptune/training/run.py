@@ -60,7 +60,7 @@ def run_train(job: TrainJob, say: Say = _say) -> dict:
     # the adapter's random init must not depend on what ran before it (no sample on --resume)
     torch.manual_seed(job.seed)
     model = _wrapped(job, model, data, result, say)
-    trainer = _trainer(job, model, tokenizer, data, out)
+    trainer = _trainer(job, model, tokenizer, data, out, say)
     _train(job, trainer, out, result, say)
     if device.is_main_process():
         _finish(job, model, tokenizer, data, out, result, say)
@@ -153,11 +153,14 @@ def _wrapped(job: TrainJob, model: torch.nn.Module, data: _Data, result: dict, s
     return peft_model
 
 
-def _trainer(job: TrainJob, model: torch.nn.Module, tokenizer: Any, data: _Data, out: Path):
+def _trainer(job: TrainJob, model: torch.nn.Module, tokenizer: Any, data: _Data, out: Path, say: Say):
     from .arguments import TrainingArguments
     from .trainer import Trainer
 
+    precision = device.training_precision(job.precision)
+    say(f"precision: {precision.name} ({precision.reason})")
     args = TrainingArguments(
+        bf16=precision.bf16, fp16=precision.fp16, use_cpu=device.accelerator_type() is None,
         output_dir=str(out), max_steps=job.max_steps if job.max_steps > 0 else -1, num_train_epochs=job.epochs,
         per_device_train_batch_size=job.batch_size, per_device_eval_batch_size=job.batch_size,
         gradient_accumulation_steps=job.grad_accum, learning_rate=job.lr, lr_scheduler_type="cosine",
