@@ -60,17 +60,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def without_adaptune_process_settings() -> None:
-    """Give a peer's child process torch's own oneDNN kernel-cache sizes (1,024 entries each).
-
-    Every tool's model comes through adaptune's loader here, and importing adaptune caps those
-    caches (adaptune.speedups.allocator.cap_onednn_caches); a peft user's process has torch's defaults.
-    Call before the first product runs (the caches read their size then)."""
-    from adaptune.speedups.allocator import ONEDNN_CACHE_VARIABLES
-
-    os.environ.update({name: "1024" for name in ONEDNN_CACHE_VARIABLES})
-
-
 def load_smollm2():
     """The embedded SmolLM2-135M-Instruct (fp32) and its tokenizer, as every tool here gets them.
 

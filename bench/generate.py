@@ -86,8 +86,6 @@ def child(tool: str, adapter: str, new_tokens: int, repeats: int, threads: int |
 
     if threads:
         torch.set_num_threads(threads)
-    if tool == "peft":
-        common.without_adaptune_process_settings()
     model, tok = common.load_smollm2()
     if tool == "peft":
         from peft import PeftModel

@@ -25,7 +25,7 @@ Tools:
   chunks (chunked_loss), and ``micro_batch_tokens=512`` (forward/backward in row groups of at most
   512 tokens: less activation memory, same gradients; ``--micro-batch-tokens`` changes both 512s).
   Its Trainer also keeps 2 instead of 3 MLP tensors for backward (fused_mlp_activation), runs
-  RMSNorm in one buffer (fused_rms_norm), and LoRA dropout keeps a bool mask (adaptune.speedups.fused).
+  RMSNorm in one buffer (fused_rms_norm), and LoRA dropout keeps a bool mask (adaptune.speedups.dropout).
 - ``adaptune-whole``: the same with rows of up to 1,024 tokens and no micro-batches (each batch in
   one forward): fewer passes over the weights, more memory.
 - ``adaptune-pack`` (not run by default; ``--tools``): the whole data set first-fit packed into
@@ -46,9 +46,9 @@ Each variant runs in a process of its own.
 in bf16; weights, norms, softmax and loss in fp32), the GEMM speed is measured in bf16, and results
 go to ``train-bf16-*.json``. The issue's comparison is the fp32 one; this one is for CPUs with fast
 bf16 (AVX512-BF16, AMX), where bf16 is what users would run. 16-bit products run in oneDNN, which
-keeps a kernel per operand shape; importing adaptune caps those caches at 64 entries
-(``adaptune.allocator``), and peft's process gets torch's own 1,024 back, as its users have it
-(the model loader here is adaptune's for every tool).
+keeps a kernel per operand shape; adaptune's Trainer caps those caches at 64 entries when training
+starts (``adaptune.speedups.allocator``), and peft's process keeps torch's own 1,024, as its users
+have it.
 """
 
 from __future__ import annotations
@@ -119,8 +119,6 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
 
     if threads:
         torch.set_num_threads(threads)
-    if tool == "peft":
-        common.without_adaptune_process_settings()
     t0 = time.perf_counter()
     model, tok = common.load_smollm2()
     load_s = time.perf_counter() - t0
