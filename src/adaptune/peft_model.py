@@ -124,10 +124,6 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     @property
-    def _is_prompt_learning(self) -> bool:
-        return "_prompt" in self.__dict__
-
-    @property
     def peft_config(self) -> dict[str, PeftConfig]:
         return self._tuner.peft_config
 

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..wrappers import active_config, adapter_base, is_causal_lm_class
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_ROWS = 256  # 256 x 49,152 fp32 logits = 50 MB at a time for SmolLM2
 
@@ -139,41 +141,25 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.T
 
 
 def _transformers_model(model: nn.Module) -> nn.Module | None:
-    """The transformers model inside an adapter wrapper (LoRA-style only), or the model itself."""
+    """The transformers model inside an adapter wrapper (LoRA-style only: prompt methods add their
+    virtual tokens in the wrapper's forward), or the model itself."""
     import transformers
 
     if isinstance(model, transformers.PreTrainedModel):
         return model
-    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
-        if getattr(model, "_is_prompt_learning", False):
-            return None  # virtual tokens are added in the wrapper's forward
-        config = getattr(model, "active_peft_config", None)
-        if config is None and isinstance(model.peft_config, dict):
-            active = getattr(model, "active_adapter", "default")
-            active = active[0] if isinstance(active, (list, tuple)) else active
-            config = model.peft_config.get(active)
-        if config is None or getattr(config, "is_prompt_learning", False):
-            return None
-        base = model.get_base_model()
-        return base if isinstance(base, transformers.PreTrainedModel) else None
-    return None
+    base = adapter_base(model)
+    config = active_config(model) if base is not None else None
+    if config is None or getattr(config, "is_prompt_learning", False):
+        return None
+    return base if isinstance(base, transformers.PreTrainedModel) else None
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
     """``(transformers model, body, head)`` when the model looks like body -> head, else None."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     base = _transformers_model(model)
-    if base is None:
+    if base is None or not is_causal_lm_class(base):
         return None
     config = getattr(base, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return None
-    names = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update(value if isinstance(value, (list, tuple)) else [value])
-    if type(base).__name__ not in names:
-        return None
     body = getattr(base, "base_model", None)
     head = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
     if body is None or body is base or head is None:
