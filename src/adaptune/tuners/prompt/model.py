@@ -1,14 +1,6 @@
-"""Prompt tuning, P-tuning and prefix tuning: the tuner that puts trained
-vectors in front of a frozen model's input.
-
-All three put trained vectors *in front of* the input of a frozen model:
-
-- prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` trained embeddings are prepended to
-  the input embeddings;
-- P-tuning (Liu et al. 2021): the same, but the virtual token embeddings are the output of a
-  small MLP or bi-LSTM over trained input vectors (a reparameterisation that trains better);
-- prefix tuning (Li & Liang 2021): trained keys and values are put in front of every attention
-  layer's own, passed to the model as a pre-filled KV cache.
+"""PromptLearning: the tuner of prompt tuning, P-tuning and prefix tuning, which put trained vectors
+in front of a frozen model's input (virtual token embeddings, or keys and values given to the
+model as a pre-filled KV cache; the three encoders are in :mod:`.encoders`).
 
 ``PeftModel`` holds one :class:`PromptLearning` (a plain object, not a module) when its adapter
 is a prompt-learning one and delegates forward / generate / adapters / files to it. The encoders
@@ -20,7 +12,6 @@ Where peft 0.21.2 under transformers 5 is wrong (its generate re-inserts the pro
 decoding step and ignores the prefix cache; its SEQ_CLS prefix tuning refuses every model),
 adaptune does the right thing instead, checked in the tests against step-by-step decoding with
 the full forward pass.
-
 """
 
 from __future__ import annotations
