@@ -59,6 +59,23 @@ def test_a_saved_position_gives_the_same_blocks_again(two_sources):
     assert stream.position_at(79)["position"]["passes"][1] >= 1
 
 
+def test_tables_and_saved_datasets_stream_and_resume(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = random.Random(2)
+    rows = [{"q": " ".join(rng.choices(WORDS, k=3)), "a": " ".join(rng.choices(WORDS, k=4))} for _ in range(30)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:12])}).save_to_disk(str(tmp_path / "saved"))
+    sources = [DataSource(str(tmp_path / "t.parquet"), columns="prompt=q,completion=a", weight=1),
+               DataSource(str(tmp_path / "saved"), columns={"prompt": "q", "completion": "a"}, weight=1)]
+    stream, val, line = _stream(sources, window=10)
+    assert "t.parquet (completion, weight 1), saved (completion, weight 1)" in line and len(val) == 1
+    blocks = list(islice(iter(stream), 40))
+    again, _, _ = _stream(sources, window=10)
+    again.resume(stream.position_at(23))
+    assert list(islice(iter(again), 17)) == blocks[23:]
+    assert stream.reports[1].rows_read > 11  # the 11 training rows of the saved dataset, and again
+
+
 def test_held_out_rows_are_never_trained_and_sources_start_again(tmp_path):
     rows = [{"text": f"the {w} king"} for w in ("lord", "water", "side", "day", "one", "two", "time", "people")]
     path = tmp_path / "t.jsonl"

@@ -122,3 +122,24 @@ def test_build_datasets_through_the_cache_and_the_default_folder(tmp_path, chat_
     monkeypatch.delenv("ADAPTUNE_TOKEN_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "adaptune" / "tokens"
+
+
+def test_second_cli_run_on_a_table_with_columns_uses_the_cache(model_dir, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from adaptune.cli import main
+
+    rows = [{"question": f"who is the {w}", "answer": f"the {w} is the king"} for w in ("lord", "water", "side")] * 4
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "qa.parquet"))
+
+    def run(*extra: str) -> str:
+        argv = ["train", "--model", str(model_dir), "--data", str(tmp_path / "qa.parquet"), "--columns",
+                "prompt=question,completion=answer", "--output", str(tmp_path / "out"), "--max-steps", "1",
+                "--max-length", "32", "--batch-size", "2", "--eval-every", "0", "--token-cache-dir",
+                str(tmp_path / "cache"), *extra]
+        assert main(argv) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data: "))
+
+    first = run()
+    assert first.startswith("data: qa.parquet (completion): 12 rows -> 12 examples") and "cache" not in first
+    assert "(tokens from the cache)" in run()
+    assert "cache" not in run("--no-token-cache")
