@@ -26,6 +26,19 @@ from tests.tiny import (  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Runs in tests (and the commands they start) cache tokens in a folder of the session, not the
+    user's cache."""
+    old = os.environ.get("ADAPTUNE_TOKEN_CACHE")
+    os.environ["ADAPTUNE_TOKEN_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ADAPTUNE_TOKEN_CACHE", None)
+    else:
+        os.environ["ADAPTUNE_TOKEN_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -135,11 +135,11 @@ def zygote():
     z.close()
 
 
-def _argv(root: Path, out: Path, steps: int, save_every: int, resume: bool) -> list[str]:
+def _argv(root: Path, out: Path, steps: int, save_every: int, resume: bool, extra: tuple[str, ...] = ()) -> list[str]:
     argv = ["train", "--config", str(root / "job.yaml"), "--model", str(root / "model"),
             "--data", str(root / "words.txt"), "--output", str(out), "--max-steps", str(steps),
             "--save-every", str(save_every), "--max-length", "32", "--batch-size", "4", "--lr", "0.01",
-            "--dropout", "0", "--seed", "7"]
+            "--dropout", "0", "--seed", "7", *extra]
     return argv + (["--resume"] if resume else [])
 
 
@@ -385,15 +385,16 @@ def _kill_at(run: Run, out: Path, anchor: str, steps: int, rng: random.Random) -
 
 
 def run_kill_campaigns(root: Path, zygote: Zygote, plan: list[str], steps: int, save_every: int,
-                       seed: int) -> Stats:
+                       seed: int, extra: tuple[str, ...] = ()) -> Stats:
     """Kill at the points in ``plan`` (in order), resuming after each kill until a run finishes;
-    start another output folder while kills are left. Every finished adapter must match."""
+    start another output folder while kills are left. Every finished adapter must match.
+    ``extra``: more flags for every run (the reference's too)."""
     rng = random.Random(seed)
     stats = Stats()
-    reference = root / f"reference-{steps}-{save_every}"
+    reference = root / f"reference-{steps}-{save_every}{'-'.join(('', *extra)).replace('--', '')}"
     ref = None
     if not (reference / WEIGHTS).exists():
-        ref = _cli_subprocess(_argv(root, reference, steps, save_every, resume=False))  # runs alongside
+        ref = _cli_subprocess(_argv(root, reference, steps, save_every, resume=False, extra=extra))  # alongside
     plan = list(plan)
     try:
         while plan:
@@ -403,7 +404,7 @@ def run_kill_campaigns(root: Path, zygote: Zygote, plan: list[str], steps: int, 
             while True:
                 anchor = plan[0] if plan else None
                 step_before, torn_before, temps_before = _last_step(out), _torn(out), _temps(out)
-                run = Run(zygote, _argv(root, out, steps, save_every, resume=attempt > 0),
+                run = Run(zygote, _argv(root, out, steps, save_every, resume=attempt > 0, extra=extra),
                           root / f"log-{seed}-{stats.campaigns}-{attempt}.txt")
                 if anchor is not None and _kill_at(run, out, anchor, steps, rng):
                     plan.pop(0)
@@ -453,6 +454,15 @@ def test_five_kills_and_resumes_give_the_uninterrupted_adapter(workdir, zygote, 
     _report("kill/resume", stats, time.monotonic() - started, capsys)
     assert len(stats.kills) == 5 and stats.matched == stats.campaigns >= 1
     assert any("torn" in n for k in stats.kills for n in k["notes"]), "no kill landed in a checkpoint write"
+
+
+def test_streamed_run_killed_and_resumed_gives_the_uninterrupted_adapter(workdir, zygote, capsys):
+    """--streaming: each resume goes on at the stream position saved with its checkpoint."""
+    started = time.monotonic()
+    stats = run_kill_campaigns(workdir, zygote, ["checkpoint", "training"], steps=8, save_every=2,
+                               seed=3, extra=("--streaming", "--stream-window", "40"))
+    _report("kill/resume streamed", stats, time.monotonic() - started, capsys)
+    assert len(stats.kills) == 2 and stats.matched == stats.campaigns >= 1
 
 
 def test_kill_of_the_real_command_during_imports_then_resume(workdir, tmp_path):

@@ -16,8 +16,10 @@ def add_parser(sub) -> None:
                        description="Fine-tune with LoRA (or another method) and save a peft-format adapter.")
     p.add_argument("--config", help="YAML file with the same option names; flags given here win")
     add_model_flag(p)
-    p.add_argument("--data", help="text or jsonl file (text, prompt/completion, messages, alpaca); "
-                                  "default: the embedded Shakespeare")
+    p.add_argument("--data", help="a txt, jsonl, json, csv, parquet or arrow file, a folder written by datasets' "
+                                  "save_to_disk, or a hub dataset id (rows: text, prompt/completion, messages, "
+                                  "conversations, instruction/output); several sources with weights: list them "
+                                  "under data: in --config. Default: the embedded Shakespeare")
     p.add_argument("--output", help=f"output folder (default {defaults.output})")
     _method_flags(p, defaults)
     _data_flags(p, defaults)
@@ -59,6 +61,21 @@ def _method_flags(p: argparse.ArgumentParser, d) -> None:
 def _data_flags(p: argparse.ArgumentParser, d) -> None:
     """How the data becomes training rows."""
     p = p.add_argument_group("data")
+    from ..data.formats import FORMATS
+
+    p.add_argument("--data-config", help="the hub dataset's configuration (subset)")
+    p.add_argument("--data-split", help="the split of a hub dataset or saved DatasetDict (default train)")
+    p.add_argument("--data-format", choices=FORMATS, help="the rows' format (default: detected from their keys)")
+    p.add_argument("--columns", help="map column names onto adaptune's: name=column,... "
+                                     "(e.g. prompt=question,completion=answer)")
+    p.add_argument("--streaming", action="store_true", default=None,
+                   help="read, tokenize and pack the data on the fly, for data larger than memory (needs --max-steps)")
+    p.add_argument("--stream-window", type=int, help=f"rows packed and shuffled together when streaming "
+                                                     f"(default {d.stream_window})")
+    p.add_argument("--token-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the tokens of an earlier run on the same data, tokenizer and options (default on)")
+    p.add_argument("--token-cache-dir", help="where tokens are cached (default $ADAPTUNE_TOKEN_CACHE or "
+                                             "~/.cache/adaptune/tokens)")
     p.add_argument("--max-length", type=int, help=f"tokens per block/example (default {d.max_length})")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="pack short examples into full blocks (default on)")
@@ -86,6 +103,11 @@ def _schedule_flags(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --output")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--report-to", help="tensorboard, wandb, mlflow or none (several comma-separated; default none); "
+                                       "their local files go under --output")
+    p.add_argument("--run-name", help="the run's name in the trackers")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter folder and its model card to this hub "
+                                                         "repo after saving it")
 
 
 def job_from_args(args: argparse.Namespace):

@@ -28,6 +28,7 @@ class DataReport:
 
     path: str
     fmt: str = ""
+    name: str = ""                      # how the summary names the source (default: the file's name)
     rows_read: int = 0                  # JSON rows, or lines of a plain-text file
     examples_kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
@@ -40,6 +41,7 @@ class DataReport:
     train_examples: int | None = None
     val_examples: int | None = None
     train_blocks: int | None = None     # features after packing (== examples when not packed)
+    cached: bool = False                # the tokens came from the tokenization cache
 
     @property
     def n_skipped(self) -> int:
@@ -48,7 +50,7 @@ class DataReport:
     def skip(self, reason: str, where: int | None = None) -> None:
         """Count one unusable row (or tail) under ``reason``; remember where the first few were."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if where is not None and len(self.bad_lines) < MAX_BAD_LINES:
+        if where is not None and len(self.bad_lines) < MAX_BAD_LINES and where not in self.bad_lines:
             self.bad_lines.append(where)
 
     def skipped_text(self) -> str:
@@ -62,8 +64,10 @@ class DataReport:
     def summary(self) -> str:
         """One or two lines for people: what was read, kept, skipped and trained on."""
         share = 100.0 * self.trained_tokens / max(self.tokens, 1)
-        line = (f"{Path(self.path).name} ({self.fmt}): {self.rows_read:,} rows -> "
+        line = (f"{self.name or Path(self.path).name} ({self.fmt}): {self.rows_read:,} rows -> "
                 f"{self.examples_kept:,} examples, {self.tokens:,} tokens ({share:.0f}% trained)")
+        if self.cached:
+            line += " (tokens from the cache)"
         if self.truncated:
             line += f"; {self.truncated:,} truncated"
         if self.limited_to is not None:
@@ -79,3 +83,35 @@ class DataReport:
 
 class BadRow(Exception):
     """A row that cannot become an example; its message is the reason counted in the report."""
+
+
+@dataclass
+class MixtureReport:
+    """What several sources gave a mixture: each source's own report, and how many of its training
+    examples it had and gave (more than it had: its examples repeat, as its weight asks)."""
+
+    sources: list[DataReport]
+    had: list[int]
+    gave: list[int]
+    weights: list[float] | None = None
+    train_examples: int | None = None
+    val_examples: int | None = None
+    train_blocks: int | None = None
+
+    def shares_text(self) -> str:
+        total = sum(self.weights) if self.weights else None
+        parts = []
+        for i, report in enumerate(self.sources):
+            share = f" (weight {self.weights[i]:g}, {100 * self.weights[i] / total:.0f}%)" if total else ""
+            parts.append(f"{report.name or Path(report.path).name} gave {self.gave[i]:,} of its "
+                         f"{self.had[i]:,} training examples{share}")
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        lines = [r.summary() for r in self.sources]
+        line = f"mixture: {self.shares_text()}"
+        if self.train_examples is not None:
+            line += f"; train {self.train_examples:,} / val {self.val_examples:,}"
+            if self.train_blocks is not None and self.train_blocks != self.train_examples:
+                line += f" (train packed into {self.train_blocks:,} blocks)"
+        return "\n".join([*lines, line])

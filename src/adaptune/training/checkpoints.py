@@ -147,7 +147,8 @@ def install_transformers_trainer_hooks() -> None:
 # ---- which checkpoint to resume from --------------------------------------------------------------
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike, say: Callable[[str], None] | None = None) -> str | None:
+def last_complete_checkpoint(output_dir: str | os.PathLike, say: Callable[[str], None] | None = None,
+                             require: tuple[str, ...] = ()) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` that was written completely and reads back.
 
     Complete: its ``trainer_state.json`` (which transformers writes last) reads whole, it holds a
@@ -171,14 +172,14 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, say: Callable[[str],
         except (OSError, ValueError):
             say(f"skipping {folder}: it was not completely written")
             continue
-        problem = checkpoint_problem(folder)
+        problem = checkpoint_problem(folder, require)
         if problem is None:
             return str(folder)
         say(f"skipping {folder}: {problem}")
     return None
 
 
-def checkpoint_problem(folder: Path) -> str | None:
+def checkpoint_problem(folder: Path, require: tuple[str, ...] = ()) -> str | None:
     """Why a checkpoint's files cannot be resumed from, or None. Reads headers and zip checksums only."""
     from safetensors import safe_open
 
@@ -186,7 +187,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     weights = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
     if not names & set(weights):  # e.g. a kill while transformers deleted an old checkpoint
         return "it holds no weights file (adapter_model.safetensors or model.safetensors)"
-    for required in ("optimizer.pt", "scheduler.pt"):
+    for required in ("optimizer.pt", "scheduler.pt", *require):
         if required not in names:
             return f"it has no {required}"
     for path in sorted(folder.iterdir()):

@@ -29,7 +29,15 @@ class TrainJob:
     """Everything ``adaptune train`` needs; field names are the CLI flags with ``-`` for ``_``."""
 
     model: str | None = None  # hub id, local folder, .gguf file; None = embedded SmolLM2-135M
-    data: str | None = None  # text / jsonl file; None = embedded Shakespeare
+    data: str | list | None = None  # file, save_to_disk folder or hub id; a list of sources to mix; None = Shakespeare
+    data_config: str | None = None  # a hub dataset's configuration (its subset)
+    data_split: str | None = None  # the split of a hub dataset or saved DatasetDict (default train)
+    data_format: str | None = None  # text | completion | chat | alpaca | sharegpt; None: detected from the rows
+    columns: str | dict[str, str] | None = None  # adaptune name=data column, e.g. prompt=question,completion=answer
+    streaming: bool = False  # read, tokenize and pack on the fly (data larger than memory; needs max_steps)
+    stream_window: int = 1000  # rows read, packed and shuffled together when streaming
+    token_cache: bool = True  # reuse the tokens of an earlier run on the same data, tokenizer and options
+    token_cache_dir: str | None = None  # default $ADAPTUNE_TOKEN_CACHE or ~/.cache/adaptune/tokens
     output: str = "runs/adapter"
     method: str = "lora"
     r: int = 8
@@ -63,6 +71,9 @@ class TrainJob:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32: the products' precision (autocast)
     logging_steps: int = 5
     trust_remote_code: bool = False  # run Python files that come with the model; only when asked
+    report_to: str = "none"  # tensorboard | wandb | mlflow | none, or several comma-separated
+    run_name: str | None = None  # the run's name in the trackers
+    push_to_hub: str | None = None  # hub repo id to upload the adapter folder to after saving it
 
     def __post_init__(self) -> None:
         _check_job_types(self)
@@ -81,7 +92,7 @@ class TrainJob:
                               "checkpointed layers drop the KV cache that carries the prefix); turn one off")
         for name, low in (("r", 1), ("batch_size", 1), ("grad_accum", 1), ("max_length", 1), ("virtual_tokens", 1),
                           ("logging_steps", 1), ("save_every", 1), ("loftq_iter", 1), ("max_steps", 0),
-                          ("eval_every", 0)):
+                          ("eval_every", 0), ("stream_window", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 kind = "a positive integer" if low else "an integer >= 0"
@@ -98,6 +109,19 @@ class TrainJob:
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         self.targets = parse_targets(self.targets)
+        self._check_data_options()
+
+    def _check_data_options(self) -> None:
+        from ..data.formats import FORMATS
+        from .tracking import parse_report_to
+
+        if self.data_format is not None and self.data_format not in FORMATS:
+            raise ConfigError(f"--data-format must be one of {', '.join(FORMATS)}, got {self.data_format!r}")
+        if self.streaming and self.max_steps == 0:
+            raise ConfigError("--streaming needs --max-steps: a stream has no length to count epochs in")
+        if self.streaming and self.max_examples is not None:
+            raise ConfigError("--max-examples does not apply to --streaming (--max-steps says how much is read)")
+        self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
 
     @property
     def quantize_kind(self) -> str | None:

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..hub import describe_model
 from .job import TrainJob
 from .methods import PROMPT_METHODS, load_base, wrap_model
+from .tracking import check_trackers, parse_report_to, tracking_env
 
 Say = Callable[[str], None]
 
@@ -40,40 +41,48 @@ def _say(text: str) -> None:
 class _Data:
     """The run's datasets and how they are batched."""
 
-    train: list[dict]
+    train: list[dict] | Any  # a StreamedDataset with --streaming
     val: list[dict]
     collator: Any
     packing: bool
+    sources: list = dataclasses.field(default_factory=list)
 
 
 def run_train(job: TrainJob, say: Say = _say) -> dict:
     """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
     started = time.time()
     out = _prepare_output(job)
+    sources = _sources(job, say)
     torch.manual_seed(job.seed)
     say(f"loading {describe_model(job.model)} ...")
     model, tokenizer = load_base(job)
-    data = _datasets(job, model, tokenizer, say)
-    result: dict[str, Any] = {"train_blocks": len(data.train), "val_blocks": len(data.val)}
+    data = _datasets(job, model, tokenizer, sources, say)
+    blocks = "streamed" if job.streaming else len(data.train)
+    result: dict[str, Any] = {"train_blocks": blocks, "val_blocks": len(data.val)}
     if device.is_main_process() and not job.resume:
         result["sample_before"] = _sample(job, model, tokenizer, say, "before")
     # the adapter's random init must not depend on what ran before it (no sample on --resume)
     torch.manual_seed(job.seed)
     model = _wrapped(job, model, data, result, say)
-    trainer = _trainer(job, model, tokenizer, data, out, say)
-    _train(job, trainer, out, result, say)
+    trackers = parse_report_to(job.report_to)
+    with tracking_env(trackers, out):
+        trainer = _trainer(job, model, tokenizer, data, out, say)
+        _train(job, trainer, data, out, result, say)
     if device.is_main_process():
         _finish(job, model, tokenizer, data, out, result, say)
         result["seconds"] = round(time.time() - started, 1)
         _write_reports(job, model, out, result, say)
+        if job.push_to_hub:
+            from .push import push_adapter
+
+            result["pushed_to"] = push_adapter(out, job.push_to_hub, say)
     return result
 
 
 def _prepare_output(job: TrainJob) -> Path:
     """Refuse what cannot work, before anything slow: a sharded launch, an unwritable output, a
-    missing data file; remove the temporary files a killed earlier run left."""
+    tracker that is not installed; remove the temporary files a killed earlier run left."""
     from ..atomic import check_writable, remove_temporaries
-    from ..data import check_data_file, default_data_path
 
     _refuse_sharded_launch()
     out = Path(job.output)
@@ -81,8 +90,25 @@ def _prepare_output(job: TrainJob) -> Path:
     if device.is_main_process():
         for folder in [out, *sorted(out.glob("checkpoint-*"))]:
             remove_temporaries(folder)
-    check_data_file(job.data or default_data_path())
+    check_trackers(parse_report_to(job.report_to))
     return out
+
+
+def _sources(job: TrainJob, say: Say) -> list:
+    """The data sources, checked before the slow model load (a missing file, a hub dataset that
+    cannot be had offline)."""
+    from ..data.sources import check_available, parse_sources
+
+    sources = parse_sources(job.data, job.data_format, job.columns, job.data_split, job.data_config)
+    for source in sources:
+        check_available(source)
+    if job.push_to_hub:
+        from .push import offline_note
+
+        note = offline_note(job.push_to_hub)
+        if note:
+            say(note)
+    return sources
 
 
 def _refuse_sharded_launch() -> None:
@@ -101,9 +127,10 @@ def _refuse_sharded_launch() -> None:
                           f"(docs/distributed.md)")
 
 
-def _datasets(job: TrainJob, model: torch.nn.Module, tokenizer: Any, say: Say) -> _Data:
-    """Read, tokenize, split and (where the method and model allow it) pack the data."""
-    from ..data import DataCollator, build_datasets, default_data_path, pad_token_id_for, supports_packing
+def _datasets(job: TrainJob, model: torch.nn.Module, tokenizer: Any, sources: list, say: Say) -> _Data:
+    """Read, tokenize, split and (where the method and model allow it) pack the data, or set up
+    the stream that does so on the fly (``--streaming``)."""
+    from ..data import DataCollator, build_datasets, pad_token_id_for, supports_packing
 
     if job.packing and job.method in PROMPT_METHODS:
         # the virtual tokens / prefix go in front of each row, not of each packed example: later
@@ -115,11 +142,20 @@ def _datasets(job: TrainJob, model: torch.nn.Module, tokenizer: Any, say: Say) -
         packing = job.packing and supports_packing(model)
         if job.packing and not packing:
             say("note: this model does not keep packed examples apart; training without packing")
-    train, val, report = build_datasets(job.data or default_data_path(), tokenizer, max_length=job.max_length,
-                                        packing=packing, val_fraction=job.val_fraction, seed=job.seed,
-                                        max_examples=job.max_examples, train_on_prompt=job.train_on_prompt)
+    collator = DataCollator(pad_token_id_for(tokenizer), packing=packing)
+    if job.streaming:
+        from ..data.streaming import build_streaming
+
+        stream, val, line = build_streaming(sources, tokenizer, job.max_length, packing, job.seed, job.val_fraction,
+                                            job.stream_window, job.train_on_prompt)
+        say(f"data: {line}")
+        return _Data(stream, val, collator, packing, sources)
+    train, val, report = build_datasets(sources, tokenizer, max_length=job.max_length, packing=packing,
+                                        val_fraction=job.val_fraction, seed=job.seed, max_examples=job.max_examples,
+                                        train_on_prompt=job.train_on_prompt, cache=job.token_cache,
+                                        cache_dir=job.token_cache_dir)
     say(f"data: {report.summary()}")
-    return _Data(train, val, DataCollator(pad_token_id_for(tokenizer), packing=packing), packing)
+    return _Data(train, val, collator, packing, sources)
 
 
 def _sample(job: TrainJob, model: torch.nn.Module, tokenizer: Any, say: Say, when: str) -> str:
@@ -138,7 +174,8 @@ def _wrapped(job: TrainJob, model: torch.nn.Module, data: _Data, result: dict, s
     if job.method == "prefix-tuning" and data.train:
         from ..tuners.prompt.init import init_prefix_from_text
 
-        init_prefix_from_text(peft_model, data.train[0]["input_ids"])
+        first = data.train[0] if isinstance(data.train, list) else next(iter(data.train))
+        init_prefix_from_text(peft_model, first["input_ids"])
     if hasattr(peft_model, "get_nb_trainable_parameters"):
         trainable, total = peft_model.get_nb_trainable_parameters()
     else:  # full fine-tuning
@@ -168,24 +205,38 @@ def _trainer(job: TrainJob, model: torch.nn.Module, tokenizer: Any, data: _Data,
         logging_steps=job.logging_steps, save_steps=job.save_every, save_total_limit=2,
         eval_strategy="steps" if job.eval_every and data.val else "no", eval_steps=job.eval_every or None,
         seed=job.seed, data_seed=job.seed, gradient_checkpointing=job.gradient_checkpointing,
-        remove_unused_columns=False, report_to="none", dataloader_num_workers=0,
+        remove_unused_columns=False, report_to=parse_report_to(job.report_to) or "none", run_name=job.run_name,
+        dataloader_num_workers=0, ignore_data_skip=job.streaming,  # a stream resumes at its saved position
         disable_tqdm=False,  # transformers hides the bar when its log level is above WARN (the CLI's default)
     )
-    return Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
-                   data_collator=data.collator, processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
+                      data_collator=data.collator, processing_class=tokenizer)
+    if job.streaming:
+        from .stream_state import StreamPositionSaver
+
+        trainer.add_callback(StreamPositionSaver(data.train))
+    return trainer
 
 
-def _train(job: TrainJob, trainer: Any, out: Path, result: dict, say: Say) -> None:
-    """Train from the start or from the last complete checkpoint (``--resume``); a run killed after
-    its last step (while evaluating or saving) is finished from its checkpoint instead."""
+def _train(job: TrainJob, trainer: Any, data: _Data, out: Path, result: dict, say: Say) -> None:
+    """Train from the start or from the last complete checkpoint (``--resume``; a stream goes on at
+    the position saved with it); a run killed after its last step (while evaluating or saving) is
+    finished from its checkpoint instead."""
     from .checkpoints import finished_state, last_complete_checkpoint, logged_train_loss
+    from .stream_state import STREAM_STATE, resume_stream
 
-    checkpoint = last_complete_checkpoint(out, say=lambda line: say(f"--resume: {line}")) if job.resume else None
+    need = (STREAM_STATE,) if job.streaming else ()
+    checkpoint = (last_complete_checkpoint(out, say=lambda line: say(f"--resume: {line}"), require=need)
+                  if job.resume else None)
     if job.resume and checkpoint is None:
         say(f"--resume: no complete checkpoint in {out}; training from the start")
     finished = finished_state(checkpoint, job.max_steps, job.epochs) if checkpoint else None
     if finished is None:
+        if job.streaming and checkpoint:
+            resume_stream(data.train, checkpoint, say)
         train_out = trainer.train(resume_from_checkpoint=checkpoint)
+        if job.streaming:
+            say(f"streamed: {data.train.summary()}")
         result["steps"] = train_out.global_step
         result["train_loss"] = train_out.training_loss
         result["train_seconds"] = round(float(train_out.metrics.get("train_runtime", float("nan"))), 2)
@@ -235,7 +286,7 @@ def _model_card(job: TrainJob, result: dict) -> str:
         "tags: [peft, adaptune, " + job.method + "]", "---", "",
         f"# {job.method} adapter trained with adaptune", "",
         "Trained with:", "", "```", command, "```", "",
-        f"Data: `{job.data or 'embedded Shakespeare'}`; {result.get('train_blocks')} training blocks of up to "
+        f"Data: {_data_names(job)}; {result.get('train_blocks')} training blocks of up to "
         f"{job.max_length} tokens; {result.get('steps')} steps.", "",
         f"Validation perplexity: {result.get('ppl_before', float('nan')):.2f} before, "
         f"{result.get('ppl_after', float('nan')):.2f} after.", "",
@@ -243,6 +294,13 @@ def _model_card(job: TrainJob, result: dict) -> str:
         "`adaptune.PeftModel.from_pretrained(base, folder)` (peft reads it too).", "",
         "Full settings:", "", "```json", json.dumps(dataclasses.asdict(job), indent=2, default=str), "```", "",
     ])
+
+
+def _data_names(job: TrainJob) -> str:
+    if job.data is None:
+        return "embedded Shakespeare"
+    items = job.data if isinstance(job.data, list) else [job.data]
+    return ", ".join(f"`{item.get('path') if isinstance(item, dict) else item}`" for item in items)
 
 
 def _adapter_off(model: Any) -> contextlib.AbstractContextManager:
