@@ -40,6 +40,9 @@ from ...speedups.fused import dropout_linear
 from ..targets import in_out_features, module_kind
 
 BASE_ROW = "__base__"  # adapter name meaning "no adapter" in mixed batches (peft's)
+# One batch row's adapters: a name (peft's adapter_names) or ((name, scale), ...) pairs whose
+# scaled outputs add up (several adapters, or one at another strength, for that row only).
+RowAdapters = str | Sequence[tuple[str, float]]
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.row_adapters: list[str] | None = None  # per-row adapter names for mixed batches
+        # per-row adapters for mixed batches: a name, or (name, scale) pairs summed for that row
+        self.row_adapters: list[RowAdapters] | None = None
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms captured at merge time
 
     # ---- adapters ------------------------------------------------------------------------
@@ -382,20 +386,50 @@ class LoraLayer(nn.Module):
         return flat.view(result.shape)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Each batch row gets its own adapter (``__base__`` = none), as peft's adapter_names."""
+        """Each batch row gets its own adapters (``__base__`` = none), as peft's adapter_names; a row
+        may also carry (name, scale) pairs. Each adapter runs once, on its rows only, at its own rank."""
         if self.merged_adapters:
             raise ConfigError("mixed adapter batches need unmerged adapters; call unmerge_adapter() first")
-        names = expand_row_names(self.row_adapters, x.shape[0])
+        groups = row_groups(expand_row_names(self.row_adapters, x.shape[0]))
         out = result.clone()
-        for name in dict.fromkeys(names):
-            if name == BASE_ROW:
-                continue
+        for name, (rows, scales) in groups.items():
             if name not in self.specs:
-                continue  # this adapter does not touch this layer
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            sub = x.index_select(0, rows)
-            out[rows] = out[rows] + self._lora_out(sub, name, result.index_select(0, rows)).to(out.dtype)
+                continue  # this adapter does not touch this layer (or is __base__)
+            span = _consecutive(rows)
+            if span is not None and not torch.is_grad_enabled() and self._is_plain(name, out.dtype):
+                self._addmm_rows(x, out, name, span, scales)
+                continue
+            index = torch.tensor(rows, device=x.device)
+            delta = self._lora_out(x.index_select(0, index), name, result.index_select(0, index)).to(out.dtype)
+            if any(s != 1 for s in scales):
+                delta = delta * torch.tensor(scales, dtype=delta.dtype, device=delta.device).view(
+                    -1, *([1] * (delta.dim() - 1)))
+            out[index] = out[index] + delta
         return out
+
+    def _is_plain(self, name: str, dtype: torch.dtype) -> bool:
+        """A LoRA whose output is ``scaling * B A x`` in ``dtype`` (no DoRA, slices, bias, dropout)."""
+        spec = self.specs[name]
+        if spec.use_dora or spec.slices or name not in self.lora_A or _drops(self.lora_dropout[name]):
+            return False
+        a, b = self.lora_A[name], self.lora_B[name]
+        return a.bias is None and b.bias is None and b.weight.dtype == dtype
+
+    def _addmm_rows(self, x: torch.Tensor, out: torch.Tensor, name: str, span: tuple[int, int],
+                    scales: Sequence[float]) -> None:
+        """Rows ``span`` of ``out`` += their scale * this adapter's output, in place on a slice: the
+        same two products a single-adapter forward does, with no gather or scatter of rows."""
+        start, stop = span
+        a_weight, b_weight = self.lora_A[name].weight, self.lora_B[name].weight
+        rows_x = x[start:stop].reshape(-1, x.shape[-1]).to(a_weight.dtype)
+        hidden = torch.mm(rows_x, a_weight.t())
+        alpha = self.specs[name].scaling
+        if len(set(scales)) == 1:
+            alpha *= scales[0]
+        else:  # per-row scales: one factor per token of each row
+            per_token = torch.tensor(scales, dtype=hidden.dtype, device=hidden.device)
+            hidden = hidden * per_token.repeat_interleave(hidden.shape[0] // len(scales)).unsqueeze(1)
+        out[start:stop].view(-1, out.shape[-1]).addmm_(hidden, b_weight.t(), alpha=alpha)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapters={list(self.specs)}, active={self.active_adapters}"
@@ -406,7 +440,7 @@ def _drops(dropout: nn.Module) -> bool:
     return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
 
 
-def expand_row_names(names: Sequence[str], batch: int) -> list[str]:
+def expand_row_names(names: Sequence[RowAdapters], batch: int) -> list[RowAdapters]:
     """Repeat per-row adapter names when generation expands rows (beams, num_return_sequences)."""
     names = list(names)
     if len(names) == batch:
@@ -417,9 +451,44 @@ def expand_row_names(names: Sequence[str], batch: int) -> list[str]:
     raise ConfigError(f"adapter_names has {len(names)} entries for a batch of {batch} rows")
 
 
+def row_groups(rows: Sequence[RowAdapters]) -> dict[str, tuple[list[int], list[float]]]:
+    """adapter name -> (the rows that use it, each row's scale), in order of first use."""
+    groups: dict[str, tuple[list[int], list[float]]] = {}
+    for i, entry in enumerate(rows):
+        pairs = ((entry, 1.0),) if isinstance(entry, str) else entry
+        for pair in pairs:
+            if not _is_name_and_scale(pair):
+                raise ConfigError(f"row {i}: expected (adapter name, finite scale) pairs, got {entry!r}")
+            name, scale = pair
+            if name == BASE_ROW:
+                continue
+            index, scales = groups.setdefault(name, ([], []))
+            if index and index[-1] == i:
+                raise ConfigError(f"row {i} names adapter {name!r} twice")
+            index.append(i)
+            scales.append(float(scale))
+    return groups
+
+
+def _is_name_and_scale(pair: object) -> bool:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        return False
+    name, scale = pair
+    return isinstance(name, str) and isinstance(scale, (int, float)) and not isinstance(scale, bool) \
+        and math.isfinite(scale)
+
+
+def _consecutive(rows: Sequence[int]) -> tuple[int, int] | None:
+    """(start, stop) when ``rows`` is start, start+1, ..., stop-1; else None."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return rows[0], rows[-1] + 1
+    return None
+
+
 @contextmanager
-def row_adapters(layers: Sequence[LoraLayer], names: Sequence[str] | None) -> Iterator[None]:
-    """Within the block, every LoRA layer applies ``names[i]`` to batch row i."""
+def row_adapters(layers: Sequence[LoraLayer], names: Sequence[RowAdapters] | None) -> Iterator[None]:
+    """Within the block, every LoRA layer applies ``names[i]`` to batch row i: an adapter name, or
+    (name, scale) pairs whose scaled outputs add up."""
     if names is None:
         yield
         return
