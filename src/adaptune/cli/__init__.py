@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import AdaptuneError
+from . import serve as serve_command
 
 EXIT_USER_ERROR = 2
 
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _merge_parser(sub)
     _inspect_parser(sub)
+    serve_command.add_parser(sub)
     return parser
 
 
