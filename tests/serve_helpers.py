@@ -112,8 +112,13 @@ def submit(state, terms, prompt: str | list[int], **params) -> tuple[Request, Co
     sink = Collect()
     ids = encode(prompt) if isinstance(prompt, str) else prompt
     params.setdefault("temperature", 0.0)
-    request = Request(ids, SamplingParams(**params), state.registry.lease(terms), sink)
-    state.engine.submit(request)
+    lease = state.registry.lease(terms)
+    request = Request(ids, SamplingParams(**params), lease, sink)
+    try:
+        state.engine.submit(request)
+    except Exception:
+        state.registry.release(lease)
+        raise
     return request, sink
 
 
