@@ -59,6 +59,19 @@ def test_each_request_in_a_mixed_batch_equals_peft_generate_for_its_adapter(stat
     assert state.engine.metrics.batch_size._sum.get() > state.engine.metrics.batch_size._buckets[0].get()
 
 
+def test_requests_that_arrive_together_are_prefilled_together_and_still_equal_peft(adapters) -> None:
+    state = state_for(adapters)  # not started: every request waits, then all are admitted in one step
+    jobs = [(name, prompt, submit(state, _terms(name), prompt, max_tokens=6, ignore_eos=True)[1])
+            for prompt in PROMPTS for name in (None, "lora_a", "dora_b", "wide_c")]  # prompts of 3 to 6 tokens
+    state.engine.start()
+    try:
+        for name, prompt, sink in jobs:
+            assert sink.wait().tokens == reference_tokens(adapters.get(name), prompt, 6), (name, prompt)
+    finally:
+        state.engine.stop()
+    assert state.engine.metrics.batch_size._sum.get() == 5 * len(jobs)  # 5 decode steps, all rows in each
+
+
 def test_prompt_logprobs_equal_the_models_log_probs(state, adapters) -> None:
     for name in ("lora_a", "dora_b", None, "prompt_p"):
         ids = encode(PROMPTS[2])

@@ -1,7 +1,7 @@
 """The running batch: every request's own KV cache as one row of padded per-layer tensors.
 
-A request is prefilled on its own (its cache then holds exactly what a solo ``generate`` would),
-and joins the batch between decode steps: the batch and the newcomer are padded on the left to a
+Requests are prefilled when they arrive (together, left-padded, when several arrive at once) and
+join the batch between decode steps: the batch and the newcomers are padded on the left to a
 common length and stacked. A finished request's row is dropped, and padding that every remaining
 row has in front is cut off. An attention mask marks the padding, and each row's positions count
 only its own tokens, so a row's result does not depend on its neighbours beyond float rounding.
@@ -74,22 +74,23 @@ class RunningBatch:
     def width(self) -> int:
         return self.mask.shape[1]
 
-    def join(self, newcomers: Sequence[tuple[Row, KV]]) -> None:
-        """Add rows with their own caches (batch dimension 1, any lengths)."""
-        if not newcomers:
+    def join(self, groups: Sequence[tuple[list[Row], KV, torch.Tensor]]) -> None:
+        """Add groups of rows, each with its cache (one batch row per row) and its attention mask
+        (rows x entries: 0 where a row has padding, as after a batched prefill)."""
+        groups = [g for g in groups if g[0]]
+        if not groups:
             return
-        rows = self.rows + [row for row, _ in newcomers]
-        parts_kv = ([self.kv] if self.rows else []) + [kv for _, kv in newcomers]
-        parts_mask = ([self.mask] if self.rows else []) + [
-            torch.ones(1, kv[0][0].shape[2], dtype=torch.long, device=kv[0][0].device) for _, kv in newcomers]
-        width = max(m.shape[1] for m in parts_mask)
+        if self.rows:
+            groups = [(self.rows, self.kv, self.mask), *groups]
+        rows = [row for group, _, _ in groups for row in group]
+        width = max(mask.shape[1] for _, _, mask in groups)
         order = sorted(range(len(rows)), key=lambda i: rows[i].adapter_key)
-        index = torch.tensor(order, device=parts_mask[0].device)
-        mask = torch.cat([_pad_left(m, width, 1) for m in parts_mask]).index_select(0, index)
+        index = torch.tensor(order, device=groups[0][2].device)
+        mask = torch.cat([_pad_left(m, width, 1) for _, _, m in groups]).index_select(0, index)
         kv = []
-        for layer in range(len(parts_kv[0])):
-            keys = torch.cat([_pad_left(p[layer][0], width, 2) for p in parts_kv]).index_select(0, index)
-            values = torch.cat([_pad_left(p[layer][1], width, 2) for p in parts_kv]).index_select(0, index)
+        for layer in range(len(groups[0][1])):
+            keys = torch.cat([_pad_left(g[1][layer][0], width, 2) for g in groups]).index_select(0, index)
+            values = torch.cat([_pad_left(g[1][layer][1], width, 2) for g in groups]).index_select(0, index)
             kv.append((keys, values))
         self.rows, self.kv, self.mask = [rows[i] for i in order], kv, mask
 
@@ -108,6 +109,12 @@ class RunningBatch:
         cut = int(mask.any(dim=0).long().argmax())  # first column some row uses
         self.mask = mask[:, cut:]
         self.kv = [(k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:]) for k, v in self.kv]
+
+    @staticmethod
+    def select(kv: KV, mask: torch.Tensor, keep: Sequence[int]) -> tuple[KV, torch.Tensor]:
+        """Rows ``keep`` of a group's cache and mask."""
+        index = torch.tensor(list(keep), device=mask.device)
+        return [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv], mask.index_select(0, index)
 
     def step_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Inputs of one decode step: each row's last token at its own next position."""

@@ -175,25 +175,54 @@ class Engine:
             self._finish(req, "abort", 0, quiet=True)
 
     def _admit(self) -> None:
-        joining: list[tuple[Row, KV]] = []
+        """Prefill waiting requests while slots and this step's prefill budget last; they join the batch."""
+        admitted: list[Request] = []
         budget = self.prefill_tokens_per_step
-        while budget > 0 and len(self.batch) + len(joining) < self.max_batch:
+        while budget > 0 and len(self.batch) + len(admitted) < self.max_batch:
             with self._wake:
                 if not self._waiting:
                     break
                 req = self._waiting.popleft()
-            try:
-                started = self._prefill(req)
-            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the server
-                logger.exception("prefill failed")
-                self._fail(req, f"the model failed on this request ({type(exc).__name__}: {exc})")
-                continue
-            if started is not None:
-                joining.append(started)
+            admitted.append(req)
             budget -= len(req.prompt_ids)
-        self.batch.join(joining)
+        # plain requests (no virtual tokens, no prompt scoring) are prefilled in one forward pass
+        together = [r for r in admitted if r.lease.prompt is None and r.params.prompt_logprobs is None]
+        if len(together) < 2:
+            together = []
+        groups = []
+        for chunk in [together] + [[r] for r in admitted if r not in together]:
+            if not chunk:
+                continue
+            try:
+                groups.append(self._prefill_together(chunk) if len(chunk) > 1 else self._prefill(chunk[0]))
+            except Exception as exc:  # noqa: BLE001 - a failed prefill fails its requests, not the server
+                logger.exception("prefill failed")
+                for req in chunk:
+                    self._fail(req, f"the model failed on this request ({type(exc).__name__}: {exc})")
+        self.batch.join([g for g in groups if g is not None])
 
-    def _prefill(self, req: Request) -> tuple[Row, KV] | None:
+    def _prefill_together(self, reqs: list[Request]) -> tuple[list[Row], KV, torch.Tensor] | None:
+        """One forward pass over several prompts, left-padded to the longest."""
+        reqs = sorted(reqs, key=lambda r: r.lease.terms)  # each adapter's rows together
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = as_cache(None)
+        logits = self._forward({"input_ids": ids}, [r.lease.terms for r in reqs], cache, positions, mask)[:, -1]
+        keep = []
+        for i, req in enumerate(reqs):
+            row = self._first_token(req, logits[i], len(req.prompt_ids))
+            if row is not None:
+                keep.append((i, row))
+        if not keep:
+            return None
+        kv, mask = RunningBatch.select(cache_tensors(cache), mask, [i for i, _ in keep])
+        return [row for _, row in keep], kv, mask
+
+    def _prefill(self, req: Request) -> tuple[list[Row], KV, torch.Tensor] | None:
+        """One request's prompt, with its virtual tokens or prefix, alone in a forward pass."""
         ids = torch.tensor([req.prompt_ids], device=self.device)
         prompt = req.lease.prompt
         n_virtual = prompt.n_virtual if prompt is not None else 0
@@ -207,21 +236,25 @@ class Engine:
             start = n_virtual
         cache = as_cache(prompt.prefix if prompt is not None and prompt.prefix is not None else None)
         scoring = req.params.prompt_logprobs is not None
+        mask = torch.ones(1, total, dtype=torch.long, device=self.device)
         logits = self._forward(inputs, [req.lease.terms], cache, torch.arange(start, total, device=self.device)[None],
-                               torch.ones(1, total, dtype=torch.long, device=self.device), keep_all=scoring)[0]
-        self.metrics.prompt_tokens.labels(req.lease.label).inc(len(req.prompt_ids))
+                               mask, keep_all=scoring)[0]
         if scoring:
             self._score_prompt(req, logits[total - start - ids.shape[1]:])
+        row = self._first_token(req, logits[-1], total)
+        return None if row is None else ([row], cache_tensors(cache), mask)
+
+    def _first_token(self, req: Request, logits: torch.Tensor, length: int) -> Row | None:
+        """After the prefill: the request's first token, and its row unless that already ended it."""
+        self.metrics.prompt_tokens.labels(req.lease.label).inc(len(req.prompt_ids))
         if req.params.max_tokens == 0:
             self._finish(req, "length", 0)
             return None
         req.generator = None if req.params.greedy else make_generator(req.params.seed, self.device)
-        row = Row(req, req.lease.terms, length=total, last_token=-1)
-        token = next_tokens(logits[-1:], [req.params], [req.generator])[0]
+        row = Row(req, req.lease.terms, length=length, last_token=-1)
+        token = next_tokens(logits[None], [req.params], [req.generator])[0]
         self.metrics.ttft.observe(time.monotonic() - req.arrival)
-        if self._accept(row, token, logits[-1]):
-            return None
-        return row, cache_tensors(cache)
+        return None if self._accept(row, token, logits) else row
 
     def _score_prompt(self, req: Request, logits: torch.Tensor) -> None:
         """Log-probs of the prompt's tokens: logits row i predicts token i + 1."""

@@ -96,6 +96,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         # per-row adapters for mixed batches: a name, or (name, scale) pairs summed for that row
         self.row_adapters: list[RowAdapters] | None = None
+        self._row_plan: RowPlan | None = None  # row_adapters grouped once for all layers of a forward
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms captured at merge time
 
     # ---- adapters ------------------------------------------------------------------------
@@ -390,12 +391,13 @@ class LoraLayer(nn.Module):
         may also carry (name, scale) pairs. Each adapter runs once, on its rows only, at its own rank."""
         if self.merged_adapters:
             raise ConfigError("mixed adapter batches need unmerged adapters; call unmerge_adapter() first")
-        groups = row_groups(expand_row_names(self.row_adapters, x.shape[0]))
+        plan = self._row_plan
+        if plan is None or plan.names is not self.row_adapters:  # row_adapters set by hand
+            plan = RowPlan(self.row_adapters)
         out = result.clone()
-        for name, (rows, scales) in groups.items():
+        for name, (rows, scales, span) in plan.groups(x.shape[0]).items():
             if name not in self.specs:
                 continue  # this adapter does not touch this layer (or is __base__)
-            span = _consecutive(rows)
             if span is not None and not torch.is_grad_enabled() and self._is_plain(name, out.dtype):
                 self._addmm_rows(x, out, name, span, scales)
                 continue
@@ -421,7 +423,9 @@ class LoraLayer(nn.Module):
         same two products a single-adapter forward does, with no gather or scatter of rows."""
         start, stop = span
         a_weight, b_weight = self.lora_A[name].weight, self.lora_B[name].weight
-        rows_x = x[start:stop].reshape(-1, x.shape[-1]).to(a_weight.dtype)
+        rows_x = x[start:stop].reshape(-1, x.shape[-1])
+        if rows_x.dtype != a_weight.dtype:
+            rows_x = rows_x.to(a_weight.dtype)
         hidden = torch.mm(rows_x, a_weight.t())
         alpha = self.specs[name].scaling
         if len(set(scales)) == 1:
@@ -470,6 +474,24 @@ def row_groups(rows: Sequence[RowAdapters]) -> dict[str, tuple[list[int], list[f
     return groups
 
 
+class RowPlan:
+    """One batch's per-row adapters, grouped by adapter once and shared by every layer of the forward
+    (grouping in each layer would repeat the same Python loop a hundred times per decoding step)."""
+
+    def __init__(self, names: Sequence[RowAdapters]) -> None:
+        self.names = names
+        self._by_batch: dict[int, dict[str, tuple[list[int], list[float], tuple[int, int] | None]]] = {}
+
+    def groups(self, batch: int) -> dict[str, tuple[list[int], list[float], tuple[int, int] | None]]:
+        """name -> (rows, scales, (start, stop) when the rows sit together) for a batch of ``batch`` rows."""
+        found = self._by_batch.get(batch)
+        if found is None:
+            found = {name: (rows, scales, _consecutive(rows))
+                     for name, (rows, scales) in row_groups(expand_row_names(self.names, batch)).items()}
+            self._by_batch[batch] = found
+        return found
+
+
 def _is_name_and_scale(pair: object) -> bool:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         return False
@@ -492,13 +514,15 @@ def row_adapters(layers: Sequence[LoraLayer], names: Sequence[RowAdapters] | Non
     if names is None:
         yield
         return
+    names = list(names)
+    plan = RowPlan(names)
     for layer in layers:
-        layer.row_adapters = list(names)
+        layer.row_adapters, layer._row_plan = names, plan
     try:
         yield
     finally:
         for layer in layers:
-            layer.row_adapters = None
+            layer.row_adapters, layer._row_plan = None, None
 
 
 class ModulesToSaveWrapper(nn.Module):
