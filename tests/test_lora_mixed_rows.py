@@ -110,3 +110,20 @@ def test_bad_row_entries_are_refused(rows, message) -> None:
     x = torch.randn(1, 1, 12, dtype=torch.float64)
     with pytest.raises(ConfigError, match=message), torch.no_grad(), row_adapters([layer], rows):
         layer(x)
+
+
+def test_decoding_rows_follow_weights_changed_in_place() -> None:
+    """One token a row takes the stacked path, whose stacked weights must not go stale."""
+    layer = _layer()
+    x = torch.randn(3, 1, 12, dtype=torch.float64)
+    rows = ["a", "b", (("a", 0.5), ("b", 2.0))]
+    with torch.no_grad(), row_adapters([layer], rows):
+        before = layer(x)
+        layer.lora_B["b"].weight.mul_(3.0)
+        after = layer(x)
+    torch.testing.assert_close(after[0], before[0])
+    for i in (1, 2):
+        pairs = ((rows[i], 1.0),) if isinstance(rows[i], str) else rows[i]
+        layer.set_active([])
+        expected = layer(x[i:i + 1])[0] + sum(s * _delta(layer, x[i:i + 1], n)[0] for n, s in pairs)
+        torch.testing.assert_close(after[i], expected, rtol=1e-12, atol=1e-12)

@@ -162,6 +162,7 @@ class Engine:
                 self._admit()
                 if self.batch.rows:
                     self._decode_step()
+            time.sleep(0)  # let a thread waiting for the lock (an adapter load) have it between steps
 
     def _reap_aborted(self) -> None:
         with self._wake:

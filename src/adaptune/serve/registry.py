@@ -6,7 +6,9 @@ internal key; the old one stays in the model until the requests that hold it fin
 the LoRA adapters resident in the model: the least recently used one that no request holds is
 unloaded first, and loaded again from its folder when asked for.
 
-Every change of the model happens under the engine's lock, between two of its steps.
+Every change of the model happens under the engine's lock, between two of its steps. Names and
+reference counts have a lock of their own, so that a request for a loaded adapter never waits for
+a step to end.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Registry:
         self.model = model
         self.host = LoraHost(model)
         self.lock = lock  # the engine's: the model changes only between steps
+        self._meta = threading.Lock()  # names, keys and reference counts; taken after ``lock``, never before
         self.max_loras = max_loras
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
         self._entries: dict[str, Entry] = {}
@@ -81,14 +84,14 @@ class Registry:
 
     # ---- names ------------------------------------------------------------------------------
     def names(self) -> list[Entry]:
-        with self.lock:
+        with self._meta:
             return list(self._entries.values())
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
     def resident_loras(self) -> list[str]:
-        with self.lock:
+        with self._meta:
             return [e.name for e in self._entries.values() if e.key is not None]
 
     # ---- loading ----------------------------------------------------------------------------
@@ -96,7 +99,7 @@ class Registry:
         """Load (or replace) adapter ``name`` from folder ``path``; requests in flight keep the old one."""
         check_name(name)
         files = read_adapter(Path(path).expanduser(), self.model)  # outside the lock: disk and checks
-        with self.lock:
+        with self.lock, self._meta:
             entry = Entry(name, files.path, files.kind, int(time.time()))
             self._make_resident(entry, files)
             old = self._entries.get(name)
@@ -107,7 +110,7 @@ class Registry:
             return entry
 
     def unload(self, name: str) -> None:
-        with self.lock:
+        with self.lock, self._meta:
             entry = self._entries.pop(name, None)
             if entry is None:
                 raise UnknownModel(f"no adapter named {name!r} is loaded")
@@ -137,26 +140,34 @@ class Registry:
     # ---- leases -----------------------------------------------------------------------------
     def lease(self, terms: list[tuple[str, float]]) -> Lease:
         """Hold the named adapters for one request (loading any that are not resident)."""
-        with self.lock:
+        with self._meta:
+            entries = [self._entries.get(name) for name, _ in terms]
+            if all(e is not None and (e.kind == "prompt" or e.key is not None) for e in entries):
+                return self._take(terms, entries)
+        with self.lock:  # between engine steps: load from --adapter-dir, or again after an eviction
             entries = [self._resolve(name) for name, _ in terms]
-            prompts = [e for e in entries if e.kind == "prompt"]
-            if len(prompts) > 1 or any(scale != 1 for (_, scale), e in zip(terms, entries) if e.kind == "prompt"):
-                raise ConfigError("a request may use one prompt-learning adapter, at scale 1")
-            if len({e.name for e in entries}) != len(entries):
-                raise ConfigError("an adapter is named twice in one request")
-            for entry in entries:
-                if entry.kind == "lora" and entry.key is None:
-                    self._reload(entry)
-            now = time.monotonic()
-            for entry in entries:
-                entry.refs += 1
-                entry.last_used = now
-            lora = tuple(sorted((e.key, float(s)) for (_, s), e in zip(terms, entries) if e.kind == "lora"))
-            label = "+".join(n if s == 1 else f"{n}*{s:g}" for n, s in terms) or "base"
-            return Lease(tuple(entries), lora, prompts[0].prompt if prompts else None, label)
+            with self._meta:
+                for entry in entries:
+                    if entry.kind == "lora" and entry.key is None:
+                        self._reload(entry)
+                return self._take(terms, entries)
+
+    def _take(self, terms: list[tuple[str, float]], entries: list[Entry]) -> Lease:
+        prompts = [e for e in entries if e.kind == "prompt"]
+        if len(prompts) > 1 or any(scale != 1 for (_, scale), e in zip(terms, entries) if e.kind == "prompt"):
+            raise ConfigError("a request may use one prompt-learning adapter, at scale 1")
+        if len({e.name for e in entries}) != len(entries):
+            raise ConfigError("an adapter is named twice in one request")
+        now = time.monotonic()
+        for entry in entries:
+            entry.refs += 1
+            entry.last_used = now
+        lora = tuple(sorted((e.key, float(s)) for (_, s), e in zip(terms, entries) if e.kind == "lora"))
+        label = "+".join(n if s == 1 else f"{n}*{s:g}" for n, s in terms) or "base"
+        return Lease(tuple(entries), lora, prompts[0].prompt if prompts else None, label)
 
     def release(self, lease: Lease) -> None:
-        with self.lock:
+        with self.lock, self._meta:
             now = time.monotonic()
             for entry in lease.entries:
                 entry.refs -= 1
