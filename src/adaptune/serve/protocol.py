@@ -57,13 +57,3 @@ def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dic
     return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
                         for e in entries]}
 
-
-def merge_logprobs(parts: Sequence[dict]) -> dict | None:
-    """Concatenate completions log-prob blocks (prompt, then generated tokens)."""
-    if not parts:
-        return None
-    merged = {key: [] for key in parts[0]}
-    for part in parts:
-        for key, values in part.items():
-            merged[key].extend(values)
-    return merged

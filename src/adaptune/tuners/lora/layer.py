@@ -389,7 +389,9 @@ class LoraLayer(nn.Module):
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row gets its own adapters (``__base__`` = none), as peft's adapter_names; a row
-        may also carry (name, scale) pairs. Each adapter runs once, on its rows only, at its own rank."""
+        may also carry (name, scale) pairs. The base output is computed once for all rows; each adapter
+        then works at its own rank: on its own rows (a slice when they sit together), or, in a decoding
+        step, stacked with the batch's other plain LoRAs (``_add_stacked``)."""
         if self.merged_adapters:
             raise ConfigError("mixed adapter batches need unmerged adapters; call unmerge_adapter() first")
         plan = self._row_plan
