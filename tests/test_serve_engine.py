@@ -179,7 +179,8 @@ def test_abort_frees_the_slot_and_the_adapter(state) -> None:
     while not sink.tokens and time.monotonic() < deadline:
         time.sleep(0.001)
     state.engine.abort(request.id)
-    while state.engine.snapshot()["running"] and time.monotonic() < deadline:
+    while (state.engine.snapshot()["running"] or any(e.refs for e in state.registry.names())) \
+            and time.monotonic() < deadline:
         time.sleep(0.005)
     assert state.engine.snapshot()["running"] == 0
     assert len(sink.tokens) < 200 and not sink.done.is_set()

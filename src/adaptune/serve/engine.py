@@ -171,9 +171,11 @@ class Engine:
             for req in gone:
                 self._waiting.remove(req)
         rows = [row for row in self.batch.rows if row.request.id in aborted]
-        self.batch.drop(rows)
-        for req in gone + [row.request for row in rows]:
+        for req in gone:
             self._finish(req, "abort", 0, quiet=True)
+        for row in rows:  # released before the slot shows as free
+            self._finish(row.request, "abort", len(row.generated), quiet=True)
+        self.batch.drop(rows)
 
     def _admit(self) -> None:
         """Prefill waiting requests while slots and this step's prefill budget last; they join the batch."""
