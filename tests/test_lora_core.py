@@ -255,6 +255,19 @@ def test_add_weighted_adapter_cat_is_exact_and_svd_full_rank_is_exact():
         model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "lin", combination_type="linear")
 
 
+def test_add_weighted_adapter_cat_of_adapters_on_different_layers_is_exact():
+    """An adapter that does not touch a layer adds nothing there: its rank block is zeros."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.add_adapter("b", LoraConfig(r=3, lora_alpha=3, target_modules=["q_proj", "v_proj"]))
+    _perturb(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    want_q = 0.7 * attn.q_proj.delta_weight("default") + 0.3 * attn.q_proj.delta_weight("b")
+    want_v = 0.3 * attn.v_proj.delta_weight("b")
+    model.add_weighted_adapter(["default", "b"], [0.7, 0.3], "cat", combination_type="cat")
+    torch.testing.assert_close(attn.q_proj.delta_weight("cat"), want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn.v_proj.delta_weight("cat"), want_v, atol=1e-5, rtol=1e-5)
+
+
 def test_targets_list_regex_all_linear_and_defaults():
     def names(model):
         return {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}

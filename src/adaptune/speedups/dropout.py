@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dropout_linear", "dropout_mask"]
+__all__ = ["dropout_active", "dropout_linear", "dropout_mask"]
 
 
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
@@ -65,3 +65,8 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float,
     if mask is None:
         mask = dropout_mask(x, p)
     return _DropoutLinear.apply(x, weight, mask, p)
+
+
+def dropout_active(dropout: torch.nn.Module) -> bool:
+    """Whether a dropout module changes its input now (an ``nn.Dropout`` in training, p > 0)."""
+    return isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0

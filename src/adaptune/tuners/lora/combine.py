@@ -8,6 +8,7 @@ sum of deltas (cross terms), and kept for compatibility.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -69,7 +70,6 @@ def add_weighted_adapter(tuner: LoraModel, adapters: Sequence[str], weights: Seq
     for _, wrapper in tuner.save_wrappers():
         source = next((a for a in adapters if a in wrapper.modules_to_save), None)
         if source is not None:
-            import copy
             wrapper.modules_to_save[adapter_name] = copy.deepcopy(wrapper.modules_to_save[source])
     tuner.refresh_trainable()
 
@@ -79,6 +79,7 @@ def _combine_into(layer: LoraLayer, present: list[tuple[str, float]], new: str, 
         if layer.is_embedding:  # cat only: stack ranks, weights folded into A
             a = torch.cat([layer.lora_embedding_A[n] * w * layer.scaling(n) for n, w in present], 0)
             b = torch.cat([layer.lora_embedding_B[n] for n, _ in present], 1)
+            a, b = _pad_rank(a, b, layer.specs[new].r)
             layer.lora_embedding_A[new].copy_(a)
             layer.lora_embedding_B[new].copy_(b)
             return
@@ -90,6 +91,7 @@ def _combine_into(layer: LoraLayer, present: list[tuple[str, float]], new: str, 
         elif how == "cat" and not spec.slices:
             a = torch.cat([layer.lora_A[n].weight * w * layer.scaling(n) for n, w in present], 0)
             b = torch.cat([layer.lora_B[n].weight for n, _ in present], 1)
+            a, b = _pad_rank(a, b, spec.r)
         elif how == "cat":  # sliced: per slice block, stack the ranks
             a, b = _cat_sliced(layer, present, spec)
         else:  # svd of the exact weighted delta
@@ -111,6 +113,19 @@ def _cat_sliced(layer: LoraLayer, present: list[tuple[str, float]], spec: Adapte
             r_n = layer.specs[n].r
             a_i.append(layer.lora_A[n].weight[i * r_n:(i + 1) * r_n] * w * layer.scaling(n))
             b_i.append(layer.lora_B[n].weight[i * rows:(i + 1) * rows])
-        a_blocks.append(torch.cat(a_i, 0))
-        b_blocks.append(torch.cat(b_i, 1))
+        a, b = _pad_rank(torch.cat(a_i, 0), torch.cat(b_i, 1), spec.r)
+        a_blocks.append(a)
+        b_blocks.append(b)
     return torch.cat(a_blocks, 0), torch.cat(b_blocks, 0)
+
+
+def _pad_rank(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (k, in) and B (out, k) stacked from the adapters present in a layer, padded with zero ranks
+    to the combined adapter's rank ``r`` (an adapter that does not touch this layer adds nothing)."""
+    k = a.shape[0]
+    if k > r:
+        raise ConfigError(f"the adapters' ranks in this layer add up to {k}, more than the combined rank {r} "
+                          f"(rank_pattern?); combine them with combination_type='svd'")
+    if k == r:
+        return a, b
+    return torch.cat([a, a.new_zeros(r - k, a.shape[1])], 0), torch.cat([b, b.new_zeros(b.shape[0], r - k)], 1)

@@ -27,8 +27,7 @@ Names and shapes follow peft (``lora_A.<adapter>.weight`` is (r, in), ``lora_B``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +36,12 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...quant.kinds import QUANT_KINDS
-from ...speedups.dropout import dropout_linear
+from ...speedups.dropout import dropout_active, dropout_linear
 from ..targets import Slices, in_out_features, module_kind, slice_width
+from .mixed import MixedBatchForward, RowAdapters, RowPlan
 
-BASE_ROW = "__base__"  # adapter name meaning "no adapter" in mixed batches (peft's)
+# One batch row's adapters: a name (peft's adapter_names) or ((name, scale), ...) pairs whose
+# scaled outputs add up (several adapters, or one at another strength, for that row only).
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(MixedBatchForward, nn.Module):
     """Wraps ``base_layer`` (Linear, GPT-2 Conv1D, Embedding or a bitsandbytes linear)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -92,7 +93,10 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.row_adapters: list[str] | None = None  # per-row adapter names for mixed batches
+        # per-row adapters for mixed batches: a name, or (name, scale) pairs summed for that row
+        self.row_adapters: list[RowAdapters] | None = None
+        self._row_plan: RowPlan | None = None  # row_adapters grouped once for all layers of a forward
+        self._stacked: tuple | None = None  # (key, A's stacked, B's stacked) of the adapters decoded last
         self._dora_norms: dict[str, torch.Tensor] = {}  # weight norms captured at merge time
 
     # ---- adapters ------------------------------------------------------------------------
@@ -308,7 +312,7 @@ class LoraLayer(nn.Module):
         """``scaling * A(dropout(x))``: the r-wide input of B."""
         lora_a, dropout, scaling = self.lora_A[name], self.lora_dropout[name], self.specs[name].scaling
         x = x.to(lora_a.weight.dtype)
-        if _drops(dropout) and lora_a.bias is None:
+        if dropout_active(dropout) and lora_a.bias is None:
             hidden = dropout_linear(x, lora_a.weight, dropout.p)  # keeps a bool mask, not x twice
         else:
             hidden = lora_a(dropout(x))
@@ -372,7 +376,7 @@ class LoraLayer(nn.Module):
             # summed in the wider dtype, rounded once (an fp32 adapter on a 16-bit base, as peft)
             return (result + self._lora_out(x, name, result)).to(result.dtype)
         a_weight, b_weight = lora_a.weight, lora_b.weight
-        if _drops(self.lora_dropout[name]):
+        if dropout_active(self.lora_dropout[name]):
             hidden, alpha = self._lora_hidden(x, name), 1.0
         else:
             hidden, alpha = torch.mm(x.reshape(-1, x.shape[-1]).to(a_weight.dtype), a_weight.t()), spec.scaling
@@ -383,52 +387,5 @@ class LoraLayer(nn.Module):
             flat = flat.addmm_(hidden, b_weight.t(), alpha=alpha)
         return flat.view(result.shape)
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Each batch row gets its own adapter (``__base__`` = none), as peft's adapter_names."""
-        if self.merged_adapters:
-            raise ConfigError("mixed adapter batches need unmerged adapters; call unmerge_adapter() first")
-        names = expand_row_names(self.row_adapters, x.shape[0])
-        out = result.clone()
-        for name in dict.fromkeys(names):
-            if name == BASE_ROW:
-                continue
-            if name not in self.specs:
-                continue  # this adapter does not touch this layer
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            sub = x.index_select(0, rows)
-            out[rows] = out[rows] + self._lora_out(sub, name, result.index_select(0, rows)).to(out.dtype)
-        return out
-
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapters={list(self.specs)}, active={self.active_adapters}"
-
-
-def _drops(dropout: nn.Module) -> bool:
-    """Whether this LoRA dropout module changes its input now (an ``nn.Dropout`` in training, p > 0)."""
-    return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-
-
-def expand_row_names(names: Sequence[str], batch: int) -> list[str]:
-    """Repeat per-row adapter names when generation expands rows (beams, num_return_sequences)."""
-    names = list(names)
-    if len(names) == batch:
-        return names
-    if batch % len(names) == 0:
-        factor = batch // len(names)
-        return [n for n in names for _ in range(factor)]
-    raise ConfigError(f"adapter_names has {len(names)} entries for a batch of {batch} rows")
-
-
-@contextmanager
-def row_adapters(layers: Sequence[LoraLayer], names: Sequence[str] | None) -> Iterator[None]:
-    """Within the block, every LoRA layer applies ``names[i]`` to batch row i."""
-    if names is None:
-        yield
-        return
-    for layer in layers:
-        layer.row_adapters = list(names)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.row_adapters = None

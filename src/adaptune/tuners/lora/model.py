@@ -25,7 +25,8 @@ from ..base import ModulesToSaveWrapper, heads_to_save, save_wrappers, set_paren
 from ..targets import DEFAULT_TARGETS, Target, model_type, module_kind, pattern_key, resolve_targets
 from . import files
 from .combine import add_weighted_adapter
-from .layer import BASE_ROW, AdapterSpec, LoraLayer, row_adapters
+from .layer import AdapterSpec, LoraLayer
+from .mixed import BASE_ROW, row_adapters
 
 __all__ = ["LoraModel"]
 

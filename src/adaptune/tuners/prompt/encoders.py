@@ -32,7 +32,8 @@ from ...errors import ConfigError
 
 SUPPORTED_TASKS = (None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.SEQ_2_SEQ_LM, TaskType.FEATURE_EXTRACTION)
 
-__all__ = ["PrefixEncoder", "PromptEmbedding", "PromptEncoder", "build_encoder", "output_shape", "prepare_config",
+__all__ = ["PrefixEncoder", "PromptEmbedding", "PromptEncoder", "build_encoder", "output_shape", "prefix_key_values",
+           "prepare_config",
            "total_virtual_tokens"]
 
 
@@ -217,3 +218,22 @@ def build_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> n
         with torch.no_grad():
             encoder.embedding.weight.copy_(_text_init_rows(config, word_embeddings, rows))
     return encoder
+
+
+def prefix_key_values(rows: torch.Tensor, config: PrefixTuningConfig, batch_size: int
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A prefix's rows (the encoder output, peft's ``prompt_embeddings``) as each decoder layer's
+    (keys, values), each (batch, heads, num_virtual_tokens, head_dim).
+
+    The layout is peft's, so that files move both ways. For encoder-decoders peft duplicates the
+    rows and splits them four per layer, then keeps only each group's first two (decoder
+    self-attention): decoder layer ``i`` gets the keys/values saved for layer ``2*i mod num_layers``.
+    """
+    nvt, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
+    subs = config.num_transformer_submodules
+    kv = rows.unsqueeze(0).expand(batch_size, -1, -1).reshape(
+        batch_size, nvt, layers * 2, heads, config.token_dim // heads)
+    if subs == 2:
+        kv = torch.cat((kv, kv), dim=2)
+    groups = kv.permute(2, 0, 3, 1, 4).split(subs * 2)  # per layer: (2*subs, batch, heads, nvt, head_dim)
+    return [(g[0], g[1]) for g in groups]

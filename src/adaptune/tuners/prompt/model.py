@@ -28,7 +28,7 @@ from ...config import PeftType, PromptLearningConfig, TaskType
 from ...errors import ConfigError
 from ..base import heads_to_save, save_wrappers, wrap_modules_to_save
 from . import files
-from .encoders import build_encoder, prepare_config
+from .encoders import build_encoder, prefix_key_values, prepare_config
 
 __all__ = ["PromptLearning"]
 
@@ -196,16 +196,9 @@ class PromptLearning:
         from transformers import DynamicCache, EncoderDecoderCache
 
         config = self.peft_config[self.active_adapter]
-        nvt, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
-        subs = config.num_transformer_submodules
-        out = self.prompt_output().to(self.model.dtype)
-        kv = out.unsqueeze(0).expand(batch_size, -1, -1).reshape(
-            batch_size, nvt, layers * 2, heads, config.token_dim // heads)
-        if subs == 2:
-            kv = torch.cat((kv, kv), dim=2)
-        groups = kv.permute(2, 0, 3, 1, 4).split(subs * 2)  # per layer: (2*subs, batch, heads, nvt, head_dim)
-        self_attention = DynamicCache([(g[0], g[1]) for g in groups])
-        if subs == 2 or self._is_encoder_decoder():
+        rows = self.prompt_output().to(self.model.dtype)
+        self_attention = DynamicCache(prefix_key_values(rows, config, batch_size))
+        if config.num_transformer_submodules == 2 or self._is_encoder_decoder():
             return EncoderDecoderCache(self_attention, DynamicCache())
         return self_attention
 
