@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _merge_parser(sub)
     _inspect_parser(sub)
+    __import__(f"{__name__}.export", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 
