@@ -82,16 +82,27 @@ def perplexity_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def load_gguf_model(path: str | Path) -> torch.nn.Module:
+    """The GGUF file as a float32 transformers model."""
+    import gguf
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    extra = {}
+    fields = gguf.GGUFReader(str(path)).fields
+    if fields["general.architecture"].contents() == "gpt2":
+        # transformers maps gpt2.context_length to n_ctx, which GPT2Config no longer reads: the
+        # position table would come out 1024 rows long and refuse the file's
+        extra["n_positions"] = int(fields["gpt2.context_length"].contents())
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                **extra).eval()
 
 
 def check_merged(path: str | Path, reference: torch.nn.Module, tokenizer: Any, quant: str,
                  n_tokens: int = 256) -> CheckReport:
     """Compare the GGUF at ``path`` with ``reference`` (the merged model in memory)."""
-    ids = sample_ids(tokenizer, n_tokens)
+    config = reference.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    ids = sample_ids(tokenizer, min(n_tokens, context or n_tokens))
     ref = logits_of(reference, ids)
     exported = load_gguf_model(path)
     got = logits_of(exported, ids)
