@@ -1,0 +1,187 @@
+"""llama.cpp (through llama-cpp-python) as the oracle for exported GGUF files, and the measures used
+to compare it with adaptune: top-1 agreement, adapter-effect cosine, perplexity.
+
+Test-only: llama-cpp-python is not a dependency of adaptune. Tests that use it are marked
+``llama_cpp`` and skipped when it is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def _llama(model_path: str | Path, lora_path: str | Path | None, n_ctx: int):
+    from llama_cpp import Llama
+
+    return Llama(str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=n_ctx, n_batch=n_ctx,
+                 n_ubatch=n_ctx, logits_all=True, verbose=False, seed=0,
+                 n_threads=int(os.environ.get("LLAMA_THREADS", min(4, os.cpu_count() or 1))))
+
+
+def llama_logits(model_path: str | Path, ids: list[int], lora_path: str | Path | None = None) -> np.ndarray:
+    """llama.cpp's logits (tokens, vocab) for ``ids`` (no BOS added), with an optional LoRA GGUF."""
+    llm = _llama(model_path, lora_path, n_ctx=max(64, len(ids) + 8))
+    try:
+        llm.reset()
+        llm.eval(list(ids))
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llama_greedy(model_path: str | Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation by llama.cpp: argmax of the raw logits, one token at a time."""
+    llm = _llama(model_path, None, n_ctx=len(prompt) + new_tokens + 8)
+    try:
+        llm.reset()
+        llm.eval(list(prompt))
+        out = []
+        for _ in range(new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(token)
+            llm.eval([token])
+        return out
+    finally:
+        llm.close()
+
+
+def as_array(logits) -> np.ndarray:
+    return logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+
+
+def top1_agreement(a, b) -> float:
+    a, b = as_array(a), as_array(b)
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+def effect_cosine(adapted_a, base_a, adapted_b, base_b) -> float:
+    """Cosine between two engines' adapter effects (logits with minus logits without, each engine
+    against its own base)."""
+    x = (as_array(adapted_a) - as_array(base_a)).ravel().astype(np.float64)
+    y = (as_array(adapted_b) - as_array(base_b)).ravel().astype(np.float64)
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def perplexity(logits, ids: list[int]) -> float:
+    """exp(mean next-token cross-entropy) of ``ids`` under ``logits``."""
+    x = torch.from_numpy(as_array(logits)).double()
+    loss = torch.nn.functional.cross_entropy(x[:-1], torch.tensor(ids[1:]))
+    return math.exp(loss.item())
+
+
+# ---- the issue's measurement on the real SmolLM2-135M (tests and bench/export_check.py) -------------
+QUANTS = ("f32", "f16", "bf16", "q8_0", "source")
+SAMPLE_OFFSET = 50_000
+
+
+def random_lora(model, r: int = 8, alpha: float = 16, std: float = 0.05, seed: int = 0, **extra):
+    """A LoRA on every linear layer with A and B drawn from N(0, std): a real, known-size effect."""
+    from adaptune import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", **extra))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return pm.eval()
+
+
+@torch.no_grad()
+def torch_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = []
+    for _ in range(new_tokens):
+        token = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def sample_text_ids(tokenizer, n_tokens: int, offset: int = SAMPLE_OFFSET) -> list[int]:
+    """``n_tokens`` ids of the bundled Shakespeare from character ``offset`` (a passage of dialogue
+    past the opening lines, which repeat the same few speaker names)."""
+    from adaptune.data.examples import default_data_path
+
+    text = default_data_path().read_text(encoding="utf-8")[offset:offset + 20 * n_tokens]
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+
+
+def measure_smollm_export(workdir: Path, quants=QUANTS, n_tokens: int = 512, new_tokens: int = 32,
+                          lora: dict | None = None) -> dict:
+    """Export a random all-linear LoRA on the embedded SmolLM2-135M as a LoRA GGUF and as merged GGUFs
+    at each quant, run every file in llama.cpp, and compare with adaptune's in-memory models.
+
+    Returns one row per file (format, quant, the base llama.cpp ran it against, size, top-1 agreement
+    with adaptune, the two engines' agreement on that base alone, adapter-effect cosine, perplexity in
+    llama.cpp and in adaptune), the greedy continuations of the f32 merged export and of adaptune,
+    and the seconds each step took."""
+    import copy
+    import time
+
+    from adaptune.export import export
+    from adaptune.export.check import logits_of
+    from adaptune.export.gguf_merged import write_merged_gguf
+    from adaptune.export.names import ARCHS
+    from adaptune.hub import default_gguf_path, load_model_and_tokenizer
+
+    workdir = Path(workdir)
+    source = default_gguf_path()
+    clock = {"start": time.perf_counter()}
+    base, tok = load_model_and_tokenizer(None, device="cpu", dtype="float32")
+    base.eval()
+    clock["load"] = time.perf_counter()
+    pm = random_lora(copy.deepcopy(base), **(lora or {}))
+    pm.save_pretrained(workdir / "adapter")
+    ids = sample_text_ids(tok, n_tokens)
+    ours_base, ours_adapted = logits_of(base, torch.tensor([ids])), logits_of(pm, torch.tensor([ids]))
+    prompt = ids[:24]
+    ours_greedy = torch_greedy(pm, prompt, new_tokens)
+    merged = pm.merge_and_unload()
+    del pm
+    clock["adaptune"] = time.perf_counter()
+
+    rows = []
+    lora_path = workdir / "adapter.gguf"
+    export(workdir / "adapter", "gguf-lora", lora_path, overwrite=True)
+    rows.append(_row("gguf-lora", "f32", "source Q4_1", lora_path, llama_logits(source, ids, lora_path),
+                     llama_logits(source, ids), ours_adapted, ours_base, ids))
+    # control: the same LoRA GGUF on an f32 export of the base, where llama.cpp does not round activations
+    base32 = workdir / "base-f32.gguf"
+    write_merged_gguf(base32, base, tok, ARCHS["llama"], "f32", source_gguf=source)
+    rows.append(_row("gguf-lora", "f32", "f32 export", lora_path, llama_logits(base32, ids, lora_path),
+                     llama_logits(base32, ids), ours_adapted, ours_base, ids))
+    clock["lora"] = time.perf_counter()
+    greedy = None
+    for quant in quants:
+        path = workdir / f"merged-{quant}.gguf"
+        write_merged_gguf(path, merged, tok, ARCHS["llama"], quant, source_gguf=source)
+        base_path = source if quant == "source" else workdir / f"base-{quant}.gguf"
+        if not base_path.exists():
+            write_merged_gguf(base_path, base, tok, ARCHS["llama"], quant, source_gguf=source)
+        base_label = "source Q4_1" if quant == "source" else f"{quant} export"
+        rows.append(_row("gguf", quant, base_label, path, llama_logits(path, ids), llama_logits(base_path, ids),
+                         ours_adapted, ours_base, ids))
+        if quant == "f32":
+            greedy = {"prompt": prompt, "llama_cpp": llama_greedy(path, prompt, new_tokens), "adaptune": ours_greedy}
+        for p in {path, base_path} - {source}:
+            p.unlink()
+        clock[f"merged-{quant}"] = time.perf_counter()
+    steps = list(clock)
+    seconds = {b: round(clock[b] - clock[a], 1) for a, b in zip(steps, steps[1:])}
+    return {"rows": rows, "greedy": greedy, "tokens": len(ids), "seconds": seconds}
+
+
+def _row(fmt, quant, base, path, theirs, theirs_base, ours, ours_base, ids) -> dict:
+    return {"format": fmt, "quant": quant, "llama_cpp_base": base, "size_bytes": Path(path).stat().st_size,
+            "top1": top1_agreement(theirs, ours), "base_top1": top1_agreement(theirs_base, ours_base),
+            "effect_cosine": effect_cosine(theirs, theirs_base, ours, ours_base),
+            "ppl_llama_cpp": perplexity(theirs, ids), "ppl_adaptune": perplexity(ours, ids)}
