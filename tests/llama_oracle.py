@@ -82,7 +82,7 @@ QUANTS = ("f32", "f16", "bf16", "q8_0", "source")
 SAMPLE_OFFSET = 50_000
 
 
-def random_lora(model, r: int = 8, alpha: float = 16, std: float = 0.05, seed: int = 0, **extra):
+def random_lora(model, r: int = 8, alpha: float = 8, std: float = 0.05, seed: int = 0, **extra):
     """A LoRA on every linear layer with A and B drawn from N(0, std): a real, known-size effect."""
     from adaptune import LoraConfig, get_peft_model
 

@@ -20,8 +20,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None,
                    help="the base: hub id, folder or .gguf file (default: the one the adapter was trained on)")
     p.add_argument("--quant", choices=QUANTS, default=None,
-                   help="tensor type: f32, f16, bf16, q8_0, or source (a GGUF base's own types). Default: f32 "
-                        "for gguf-lora; source for a GGUF base, else f16, for the merged formats")
+                   help="tensor type: f32, f16, bf16, q8_0, or source (a GGUF base's own types, e.g. Q4_1; "
+                        "re-rounds the merged weights). Default: f32 for gguf-lora, q8_0 for gguf and ollama")
     p.add_argument("--check", action="store_true",
                    help="read the merged GGUF back with transformers and compare logits and perplexity with "
                         "the merged model in memory; fail past the quant type's tolerance")

@@ -16,6 +16,9 @@ from .writer import QUANTS
 
 FORMATS = ("gguf-lora", "gguf", "ollama")
 QUANT_CHOICES = (*QUANTS, "source")
+# 8-bit keeps a fine-tune's effect (docs/export.md); re-rounding merged weights to a 4-bit source type
+# (--quant source on the embedded Q4_1 model) loses much of it
+DEFAULT_MERGED_QUANT = "q8_0"
 OLLAMA_GGUF = "model.gguf"
 MODELFILE = "Modelfile"
 
@@ -64,7 +67,7 @@ def export(adapter: str | Path, format: str, output: str | Path, model: str | No
     if quant == "source" and base.gguf is None:
         raise ConfigError(f"--quant source keeps the tensor types of a GGUF base, and the base {base.name} is not a "
                           f"GGUF file (choose one of {', '.join(QUANTS)})")
-    quant = quant or ("source" if base.gguf is not None else "f16")
+    quant = quant or DEFAULT_MERGED_QUANT
     return _export_merged(adapter, base, output, format, quant, check, allow_pickle, trust_remote_code)
 
 

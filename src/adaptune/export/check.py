@@ -24,8 +24,21 @@ TOLERANCES: dict[str, tuple[float, float | None]] = {
     "f16": (0.01, None),
     "bf16": (0.03, None),
     "q8_0": (0.02, None),
-    "source": (0.10, None),
+    "4-bit": (0.25, None),  # --quant source of a 4/5-bit or k-quant GGUF: every merged weight re-rounded
 }
+_TYPE_LABELS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
+_PRECISION = ["f32", "f16", "bf16", "q8_0", "4-bit"]
+
+
+def tolerance_label(quant: str, path: str | Path) -> str:
+    """The TOLERANCES key for a file: ``quant``, or for ``source`` its coarsest weight type."""
+    if quant != "source":
+        return quant
+    import gguf
+
+    labels = {_TYPE_LABELS.get(t.tensor_type.name, "4-bit") for t in gguf.GGUFReader(str(path)).tensors
+              if len(t.shape) > 1}
+    return max(labels, key=_PRECISION.index) if labels else "f32"
 
 
 class ExportCheckFailed(AdaptuneError):
@@ -40,6 +53,10 @@ class CheckReport:
     ppl_reference: float
     ppl_gguf: float
     top1_agreement: float
+    tolerance_key: str = ""  # TOLERANCES key: the quant, or for "source" the file's coarsest type
+
+    def __post_init__(self) -> None:
+        self.tolerance_key = self.tolerance_key or self.quant
 
     @property
     def ppl_change(self) -> float:
@@ -47,13 +64,14 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        ppl_tol, logit_tol = TOLERANCES[self.quant]
+        ppl_tol, logit_tol = TOLERANCES[self.tolerance_key]
         return abs(self.ppl_change) <= ppl_tol and (logit_tol is None or self.max_logit_diff <= logit_tol)
 
     def line(self) -> str:
-        ppl_tol, logit_tol = TOLERANCES[self.quant]
+        ppl_tol, logit_tol = TOLERANCES[self.tolerance_key]
+        kind = self.quant if self.tolerance_key == self.quant else f"{self.quant}, {self.tolerance_key}"
         bound = f", max logit diff <= {logit_tol:g}" if logit_tol is not None else ""
-        return (f"check ({self.quant}, {self.tokens} tokens): max |logit diff| {self.max_logit_diff:.4g}, "
+        return (f"check ({kind}, {self.tokens} tokens): max |logit diff| {self.max_logit_diff:.4g}, "
                 f"top-1 agreement {100 * self.top1_agreement:.1f}%, perplexity {self.ppl_gguf:.4f} vs "
                 f"{self.ppl_reference:.4f} in memory ({100 * self.ppl_change:+.3f}%; tolerance "
                 f"{100 * ppl_tol:g}%{bound}): {'passed' if self.passed else 'FAILED'}")
@@ -110,6 +128,7 @@ def check_merged(path: str | Path, reference: torch.nn.Module, tokenizer: Any, q
     if got.shape != ref.shape:
         raise ExportCheckFailed(f"the GGUF read back gives logits of shape {tuple(got.shape)}, the model "
                                 f"{tuple(ref.shape)}")
-    return CheckReport(quant=quant, tokens=int(ids.shape[1]), max_logit_diff=float((got - ref).abs().max()),
-                       ppl_reference=perplexity_of(ref, ids), ppl_gguf=perplexity_of(got, ids),
+    return CheckReport(quant=quant, tolerance_key=tolerance_label(quant, path), tokens=int(ids.shape[1]),
+                       max_logit_diff=float((got - ref).abs().max()), ppl_reference=perplexity_of(ref, ids),
+                       ppl_gguf=perplexity_of(got, ids),
                        top1_agreement=float((got.argmax(-1) == ref.argmax(-1)).float().mean()))

@@ -35,7 +35,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
@@ -43,7 +43,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
         if pattern in _SPLIT_PATTERNS:
             return _SPLIT_PATTERNS[pattern]
     raise ConfigError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) is not one adaptune can name for "
-                      f"llama.cpp (gpt2, smollm, llama-bpe, qwen2); {EXPORT_FROM_GGUF}")
+                      f"llama.cpp (gpt-2, smollm, llama-bpe, qwen2); {EXPORT_FROM_GGUF}")
 
 
 def _looks_special(token: str) -> bool:
