@@ -5,8 +5,9 @@
 
 Needs llama-cpp-python (test-only; see docs/export.md). The embedded SmolLM2-135M-Instruct (Q4_1
 GGUF) gets a random LoRA on every linear layer (r=8, alpha=8 as in LoraConfig, A and B drawn with std 0.05). It is
-exported as a LoRA GGUF and as a merged GGUF at each --quant; llama.cpp runs each file on a passage
-of the bundled Shakespeare, and adaptune runs the same tokens in memory. Per file:
+exported as a LoRA GGUF and as a merged GGUF at each --quant; llama.cpp runs each file on three
+passages of the bundled Shakespeare (--tokens each), and adaptune runs the same tokens in memory.
+Per file:
 
 * top-1 agreement: how often llama.cpp's most likely next token is adaptune's, next to the two
   engines' agreement on the base alone (the LoRA GGUF runs on the source Q4_1 base, where llama.cpp
@@ -67,7 +68,7 @@ def main() -> int:
     greedy = result["greedy"]
     same = greedy["llama_cpp"] == greedy["adaptune"]
     print(f"\ngreedy {len(greedy['adaptune'])} tokens from the f32 merged export equal adaptune's: {same}")
-    print(f"{result['tokens']} tokens; seconds per step: {result['seconds']}; commit {result['commit']}")
+    print(f"{result['passages']} passages, {result['tokens']} tokens; seconds per step: {result['seconds']}; commit {result['commit']}")
     out = ROOT / "bench" / "results" / f"export-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
