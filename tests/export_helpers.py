@@ -43,9 +43,22 @@ def bpe_tokenizer():
     return tok
 
 
+def _tiny_qwen2_or_mistral(kind: str, seed: int, **ids):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (MistralConfig, MistralForCausalLM)
+    config = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=kind == "qwen2", **ids)
+    return model_cls(config).eval()
+
+
 def tiny_base(kind: str = "llama", seed: int = 0):
+    """A tiny random model of ``kind`` (llama, gpt2, qwen2, mistral) with the BPE tokenizer's vocabulary."""
     tok = bpe_tokenizer()
     ids = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind in ("qwen2", "mistral"):
+        return _tiny_qwen2_or_mistral(kind, seed, **ids), tok
     model = tiny_llama(seed, **ids) if kind == "llama" else tiny_gpt2(seed, **ids)
     return model, tok
 

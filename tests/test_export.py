@@ -177,9 +177,9 @@ def test_lora_gguf_gpt2_q_v_slices_map_to_attn_qkv(tmp_path, gpt2_dir):
 
 
 # ---- merged GGUF ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "mistral"])
 def test_merged_f32_round_trip_gives_equal_logits(tmp_path, kind, llama_dir, gpt2_dir):
-    base = llama_dir if kind == "llama" else gpt2_dir
+    base = {"llama": llama_dir, "gpt2": gpt2_dir}.get(kind) or save_base(tmp_path / "base", kind)
     adapter = save_adapter(tmp_path / "ad", base)
     result = export(adapter, "gguf", tmp_path / "m.gguf", quant="f32", check=True)
     assert result.check.passed and result.check.max_logit_diff < 1e-4
@@ -426,3 +426,10 @@ def test_cli_export_and_its_errors(tmp_path, llama_dir, capsys):
 def test_tiny_base_helper_vocab_matches_model():
     model, tok = tiny_base("llama")
     assert model.config.vocab_size == len(tok) == 320
+
+
+def test_cli_choices_are_the_library_ones():
+    from adaptune.cli import export as cli_export
+    from adaptune.export import api
+
+    assert cli_export.FORMATS == api.FORMATS and cli_export.QUANTS == api.QUANT_CHOICES

@@ -26,14 +26,14 @@ pytestmark = [pytest.mark.llama_cpp,
               pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed")]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2", "mistral"])
 def tiny(request, tmp_path_factory):
     """A tiny base as a transformers folder and as an f32 GGUF, and sample ids."""
     kind = request.param
     folder = tmp_path_factory.mktemp(f"{kind}_base")
     save_base(folder, kind)
     gguf_path = folder / "base.gguf"
-    write_merged_gguf(gguf_path, load_model(str(folder)), bpe_tokenizer(), ARCHS[kind], "f32", name="tiny")
+    write_merged_gguf(gguf_path, load_model(str(folder)), bpe_tokenizer(), ARCHS[kind], "f32", name=f"tiny {kind}")
     ids = bpe_tokenizer()("the king and the lord said that they would come to the water and find people",
                           add_special_tokens=False)["input_ids"]
     return kind, folder, gguf_path, ids
@@ -78,16 +78,16 @@ def _same_outputs(theirs, ours, ours_base) -> None:
 def test_tiny_lora_gguf_without_the_permutation_is_wrong(tmp_path, tiny):
     """The oracle sees the q/k permutation: the same adapter written without it computes something else."""
     kind, folder, gguf_path, ids = tiny
-    if kind != "llama":
-        pytest.skip("GPT-2 has no q/k permutation")
+    if not ARCHS[kind].permute_qk:
+        pytest.skip(f"{kind} has no q/k permutation")
     adapter = save_adapter(tmp_path / "ad", folder, target_modules=["q_proj", "k_proj"])
     from adaptune.export.adapter import read_config, read_pairs
 
     pairs = read_pairs(adapter, read_config(adapter))
     config = load_model(str(folder)).config
-    unpermuted = dataclasses.replace(ARCHS["llama"], permute_qk=False)
+    unpermuted = dataclasses.replace(ARCHS[kind], permute_qk=False)
     write_lora_gguf(tmp_path / "wrong.gguf", pairs, unpermuted, config, 8.0)
-    write_lora_gguf(tmp_path / "right.gguf", pairs, ARCHS["llama"], config, 8.0)
+    write_lora_gguf(tmp_path / "right.gguf", pairs, ARCHS[kind], config, 8.0)
     ours_base, ours = _adaptune(folder, adapter, ids)
     theirs_base = llama_logits(gguf_path, ids)
     right = effect_cosine(llama_logits(gguf_path, ids, tmp_path / "right.gguf"), theirs_base, ours, ours_base)
