@@ -68,7 +68,8 @@ def main() -> int:
     greedy = result["greedy"]
     same = greedy["llama_cpp"] == greedy["adaptune"]
     print(f"\ngreedy {len(greedy['adaptune'])} tokens from the f32 merged export equal adaptune's: {same}")
-    print(f"{result['passages']} passages, {result['tokens']} tokens; seconds per step: {result['seconds']}; commit {result['commit']}")
+    print(f"{result['passages']} passages, {result['tokens']} tokens; seconds per step: {result['seconds']}; "
+          f"commit {result['commit']}")
     out = ROOT / "bench" / "results" / f"export-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -53,10 +53,18 @@ def _tiny_qwen2_or_mistral(kind: str, seed: int, **ids):
     return model_cls(config).eval()
 
 
+# Llama 3.1's long-context rope, with an original context short enough for the test sequences to use it
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
 def tiny_base(kind: str = "llama", seed: int = 0):
-    """A tiny random model of ``kind`` (llama, gpt2, qwen2, mistral) with the BPE tokenizer's vocabulary."""
+    """A tiny random model of ``kind`` (llama, llama3 (Llama 3.1 rope), gpt2, qwen2, mistral) with the BPE
+    tokenizer's vocabulary."""
     tok = bpe_tokenizer()
     ids = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "llama3":
+        return tiny_llama(seed, rope_parameters=dict(LLAMA3_ROPE), **ids), tok
     if kind in ("qwen2", "mistral"):
         return _tiny_qwen2_or_mistral(kind, seed, **ids), tok
     model = tiny_llama(seed, **ids) if kind == "llama" else tiny_gpt2(seed, **ids)

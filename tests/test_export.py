@@ -91,6 +91,20 @@ def test_unsupported_architecture_names_what_is_supported():
         arch_of(tiny_t5().config)
 
 
+def test_llama3_rope_freqs_match_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from adaptune.export.hparams import extra_tensors
+
+    config = tiny_base("llama3")[0].config
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, None)
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+    factors = extra_tensors(ARCHS["llama"], config)["rope_freqs.weight"]
+    torch.testing.assert_close(factors, plain / scaled)
+    assert factors.max() == 8.0 and factors.min() < 8.0  # some frequencies scaled, some not
+    assert extra_tensors(ARCHS["llama"], tiny_base("llama")[0].config) == {}
+
+
 # ---- LoRA GGUF ------------------------------------------------------------------------------------
 def test_lora_gguf_keys_names_and_plain_tensors(tmp_path, llama_dir):
     adapter = save_adapter(tmp_path / "ad", llama_dir, r=4, lora_alpha=8)

@@ -86,11 +86,13 @@ def plan_from_source(reader: Any, model: torch.nn.Module, arch: Arch, quant: str
     planned = []
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if t.name not in state:
-            make = _copy(t) if quant == "source" else _dequantized(t, shape)
-            qtype = t.tensor_type if quant == "source" else weight_type(quant, t.name, shape)
-            planned.append(Planned(t.name, shape, qtype, make if quant == "source" else
-                                   (lambda m=make, q=qtype: encode(m(), q))))
+        if t.name not in state:  # in the file but not a model weight, e.g. Llama 3.1's rope_freqs
+            if quant == "source":
+                planned.append(Planned(t.name, shape, t.tensor_type, _copy(t)))
+            else:
+                qtype = weight_type(quant, t.name, shape)
+                dequantized = _dequantized(t, shape)
+                planned.append(Planned(t.name, shape, qtype, lambda m=dequantized, q=qtype: encode(m(), q)))
             continue
         merged_shape = gguf_shape(arch, t.name, tuple(state[t.name][1].shape))
         if merged_shape != shape:
@@ -101,7 +103,7 @@ def plan_from_source(reader: Any, model: torch.nn.Module, arch: Arch, quant: str
         planned.append(Planned(t.name, shape, qtype, _source_or_merged(t, shape, merged, qtype, quant)))
     for name in sorted(state.keys() - {t.name for t in reader.tensors}):  # e.g. a head the adapter untied
         shape = gguf_shape(arch, name, tuple(state[name][1].shape))
-        qtype = weight_type("q8_0" if quant == "source" else quant, name, shape)
+        qtype = weight_type("q8_0" if quant == "source" else quant, name, shape)  # no source type to keep
         planned.append(Planned(name, shape, qtype,
                                lambda n=name, q=qtype: encode(_layout(state, arch, model.config, n), q)))
     return planned
