@@ -114,13 +114,13 @@ def random_lora(model, r: int = 8, alpha: float = 8, std: float = 0.05, seed: in
 
 @torch.no_grad()
 def torch_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = []
+    """Greedy continuation in transformers: argmax of the raw logits, with the KV cache."""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    tokens = []
     for _ in range(new_tokens):
-        token = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
-        out.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return out
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+    return tokens
 
 
 def sample_passages(tokenizer, n_tokens: int, offsets=PASSAGE_OFFSETS) -> list[list[int]]:
