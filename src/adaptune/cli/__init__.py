@@ -1,4 +1,4 @@
-"""``adaptune train | generate | eval | merge | inspect | serve``.
+"""``adaptune train | generate | eval | merge | inspect | export | serve``.
 
 Each sub-command is a module here with ``add_parser(subparsers)`` and a handler: a thin layer over
 the library that parses flags, calls one function and prints. Any ``AdaptuneError`` (bad file,
@@ -16,10 +16,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ..errors import AdaptuneError
-from . import evaluate, generate, inspect_model, merge, serve, train
+from . import evaluate, export, generate, inspect_model, merge, serve, train
 
 EXIT_USER_ERROR = 2
-COMMANDS = (train, generate, evaluate, merge, inspect_model, serve)
+COMMANDS = (train, generate, evaluate, merge, inspect_model, export, serve)
 
 __all__ = ["EXIT_USER_ERROR", "build_parser", "main"]
 
