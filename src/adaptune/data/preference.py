@@ -1,0 +1,328 @@
+"""Preference data -> token rows: pairs ``{prompt, chosen, rejected}`` and KTO rows ``{prompt, completion, label}``.
+
+Each field is a string, or (conversational) a list of ``{role, content}`` messages rendered with the
+tokenizer's chat template. Tokenized as TRL tokenizes them, so the same file gives the same tokens
+in both: ``prompt_ids = tok(prompt)``, ``prompt + answer`` tokenized whole (plain text gets EOS
+appended as text, as TRL does), and the answer is what follows the longest common prefix of the two
+(a token that merges across the boundary, or a template that renders the prompt alone differently,
+moves the boundary, never drops a token of the answer). Sequences longer than ``max_length`` keep
+their start; a row whose prompt alone fills ``max_length`` has nothing left to learn and is
+skipped. Bad rows are counted by reason, with line numbers, in a ``DataReport`` (as for SFT data).
+
+A pairs file trains KTO too: each pair becomes a desirable and an undesirable row (TRL's
+``unpair_preference_dataset``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .examples import DataReport, _BadRow, _is_unicode, _json_rows, _read_text
+
+KINDS = ("pairs", "kto")
+DETECT_ROWS = 100
+
+
+@dataclass
+class PairFeature:
+    """One preference pair as token ids: the prompt and the two answers that follow it."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    def as_dict(self) -> dict[str, list[int]]:
+        return {"prompt_ids": self.prompt_ids, "chosen_ids": self.chosen_ids, "rejected_ids": self.rejected_ids}
+
+
+@dataclass
+class KTOFeature:
+    """One unpaired example: a prompt, an answer and whether the answer is desirable."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_ids": self.prompt_ids, "completion_ids": self.completion_ids, "label": self.label}
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def _text_or_messages(row: dict, name: str) -> str | list[dict]:
+    """A field that is a non-empty string or a list of chat messages; _BadRow otherwise."""
+    if name not in row or row[name] is None:
+        raise _BadRow(f"missing '{name}'")
+    value = row[name]
+    if isinstance(value, str):
+        if not _is_unicode(value):
+            raise _BadRow(f"'{name}' holds a lone surrogate escape (\\ud800-\\udfff), not text")
+        if name != "prompt" and not value.strip():
+            raise _BadRow(f"empty '{name}'")
+        return value
+    if isinstance(value, list) and value:
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise _BadRow(f"a message of '{name}' is not {{role: str, content: str}}")
+            if not (_is_unicode(m["role"]) and _is_unicode(m["content"])):
+                raise _BadRow(f"a message of '{name}' holds a lone surrogate escape, not text")
+        return value
+    raise _BadRow(f"'{name}' is not a string or a non-empty list of messages")
+
+
+def _split_implicit_prompt(row: dict) -> dict:
+    """Conversational pairs without 'prompt': the messages chosen and rejected share are the prompt."""
+    if "prompt" in row or not isinstance(row.get("chosen"), list) or not isinstance(row.get("rejected"), list):
+        return row
+    chosen, rejected = row["chosen"], row["rejected"]
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def _ids(tokenizer: Any, value: str | list[dict], generation_prompt: bool = False) -> list[int]:
+    if isinstance(value, str):
+        return list(tokenizer(value, verbose=False)["input_ids"])
+    try:
+        out = tokenizer.apply_chat_template(value, tokenize=True, add_generation_prompt=generation_prompt,
+                                            return_dict=True)
+    except Exception as err:  # jinja raises whatever the template author chose
+        raise _BadRow(f"chat template error ({type(err).__name__})") from None
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _join(prompt: str | list[dict], answer: str | list[dict], eos: str | None) -> str | list[dict]:
+    if isinstance(prompt, str) != isinstance(answer, str):
+        raise _BadRow("prompt and answer mix a string and a message list")
+    if isinstance(answer, str):
+        return prompt + (answer if eos is None or answer.endswith(eos) else answer + eos)
+    return prompt + answer
+
+
+def tokenize_answers(tokenizer: Any, prompt: str | list[dict], answers: list[str | list[dict]],
+                     ) -> tuple[list[int], list[list[int]]]:
+    """``(prompt_ids, [answer_ids, ...])`` as TRL tokenizes them (module docstring)."""
+    prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
+    eos = getattr(tokenizer, "eos_token", None)
+    full = [_ids(tokenizer, _join(prompt, a, eos)) for a in answers]
+    cut = min(_common_prefix(prompt_ids, ids) for ids in full)
+    return prompt_ids[:cut], [ids[cut:] for ids in full]
+
+
+def _fit(prompt: list[int], answer: list[int], max_length: int | None) -> tuple[list[int], bool]:
+    """The answer cut so that prompt + answer fits (keeping the start), and whether it was cut."""
+    if max_length is None or len(prompt) + len(answer) <= max_length:
+        return answer, False
+    if len(prompt) >= max_length:
+        raise _BadRow(f"prompt fills max_length {max_length}")
+    return answer[:max_length - len(prompt)], True
+
+
+def pair_feature(row: dict, tokenizer: Any, max_length: int | None = None) -> tuple[PairFeature, bool]:
+    """One pairs row -> (PairFeature, truncated); raises _BadRow saying what is wrong with it."""
+    row = _split_implicit_prompt(row)
+    prompt = _text_or_messages(row, "prompt")
+    chosen, rejected = _text_or_messages(row, "chosen"), _text_or_messages(row, "rejected")
+    if chosen == rejected:
+        raise _BadRow("chosen and rejected are the same")
+    prompt_ids, (chosen_ids, rejected_ids) = tokenize_answers(tokenizer, prompt, [chosen, rejected])
+    if not chosen_ids or not rejected_ids:
+        raise _BadRow("an answer has no tokens after the prompt")
+    chosen_ids, cut_c = _fit(prompt_ids, chosen_ids, max_length)
+    rejected_ids, cut_r = _fit(prompt_ids, rejected_ids, max_length)
+    return PairFeature(prompt_ids, chosen_ids, rejected_ids), cut_c or cut_r
+
+
+def kto_feature(row: dict, tokenizer: Any, max_length: int | None = None) -> tuple[KTOFeature, bool]:
+    """One KTO row -> (KTOFeature, truncated); raises _BadRow."""
+    prompt = _text_or_messages(row, "prompt")
+    completion = _text_or_messages(row, "completion")
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise _BadRow("'label' is not true or false" if "label" in row else "missing 'label'")
+    prompt_ids, (completion_ids,) = tokenize_answers(tokenizer, prompt, [completion])
+    if not completion_ids:
+        raise _BadRow("the completion has no tokens after the prompt")
+    completion_ids, cut = _fit(prompt_ids, completion_ids, max_length)
+    return KTOFeature(prompt_ids, completion_ids, label), cut
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _row_kind(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    if "chosen" in row and "rejected" in row:
+        return "pairs"
+    if "completion" in row and "label" in row:
+        return "kto"
+    return None
+
+
+def detect_kind(path: Path, rows: list[tuple[int, Any]]) -> str:
+    """'pairs' or 'kto', by the keys of most of the first object rows; DataError if neither."""
+    objects = [row for _, row in rows if isinstance(row, dict)][:DETECT_ROWS]
+    kinds = [k for k in map(_row_kind, objects) if k is not None]
+    if not kinds:
+        keys = sorted({k for row in objects for k in row})[:10]
+        found = f"found keys {keys}" if objects else "found no JSON objects"
+        raise DataError(f"{path}: not preference data ({found}); rows need 'prompt', 'chosen' and 'rejected' "
+                        "(pairs) or 'prompt', 'completion' and 'label' (KTO)")
+    return max(KINDS, key=kinds.count)
+
+
+def _unpaired(row: Any) -> list[Any]:
+    """A pair as two KTO rows (chosen: desirable, rejected: undesirable); anything else as it is."""
+    if _row_kind(row) != "pairs":
+        return [row]
+    row = _split_implicit_prompt(row)
+    prompt = row.get("prompt")
+    return [{"prompt": prompt, "completion": row["chosen"], "label": True},
+            {"prompt": prompt, "completion": row["rejected"], "label": False}]
+
+
+def load_preference_data(path: str | Path, tokenizer: Any, kind: str = "pairs", max_length: int | None = 1024,
+                         ) -> tuple[list[dict], DataReport]:
+    """Read a JSON / JSON-lines file of pairs (``kind="pairs"``) or KTO rows (``kind="kto"``; a
+    pairs file is unpaired) into feature dicts, with a report of what was kept and skipped."""
+    if kind not in KINDS:
+        raise ConfigError(f"preference data kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
+    path = Path(path)
+    report = DataReport(str(path))
+    rows = _json_rows(path, _read_text(path), report)
+    report.rows_read = len(rows)
+    found = detect_kind(path, rows)
+    if kind == "pairs" and found == "kto":
+        raise DataError(f"{path}: holds KTO rows (prompt, completion, label); pair objectives need "
+                        "'prompt', 'chosen' and 'rejected' (train these with --objective kto)")
+    report.fmt = found if found == kind else "pairs, unpaired for KTO"
+    build = pair_feature if kind == "pairs" else kto_feature
+    features: list[dict] = []
+    for where, row in rows:
+        for item in (_unpaired(row) if kind == "kto" else [row]):
+            try:
+                if isinstance(item, _BadRow):
+                    raise item
+                if not isinstance(item, dict):
+                    raise _BadRow("not a JSON object")
+                feature, truncated = build(item, tokenizer, max_length)
+            except _BadRow as bad:
+                report.skip(str(bad), where)
+                continue
+            report.truncated += truncated
+            features.append(feature.as_dict())
+    _finish(path, features, report)
+    return features, report
+
+
+def _answers(feature: dict) -> list[list[int]]:
+    return [feature[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in feature]
+
+
+def _finish(path: Path, features: list[dict], report: DataReport) -> None:
+    report.examples_kept = len(features)
+    report.tokens = sum(len(f["prompt_ids"]) * len(_answers(f)) + sum(map(len, _answers(f))) for f in features)
+    report.trained_tokens = sum(sum(map(len, _answers(f))) for f in features)
+    if not features:
+        why = f": {report.skipped_text()}" if report.skipped else ""
+        raise DataError(f"{path}: no usable rows in {report.rows_read} read{why}")
+
+
+def add_kl_completions(features: list[dict], batch_size: int) -> list[dict]:
+    """KTO's mismatched answers: in each run of ``batch_size`` rows, row i gets row i-1's completion
+    (the first gets the last's) as ``KL_completion_ids``, as TRL builds them; the KL term of a batch
+    then compares the same answers under other prompts."""
+    out = []
+    for start in range(0, len(features), batch_size):
+        block = features[start:start + batch_size]
+        shifted = [block[-1]["completion_ids"]] + [f["completion_ids"] for f in block[:-1]]
+        out += [{**f, "KL_completion_ids": kl} for f, kl in zip(block, shifted)]
+    return out
+
+
+# --------------------------------------------------------------------------- collating
+
+IGNORE_INDEX = -100
+
+
+class PreferenceCollator:
+    """A batch of pair (or KTO) feature dicts -> the tensors of one forward pass.
+
+    Sequences: a batch of B pairs gives prompt + chosen for each pair, then prompt + rejected
+    (TRL's order: sequence k is pair k's chosen, B + k its rejected); KTO rows give prompt +
+    completion, and their prompt + ``KL_completion_ids`` as a second group under ``KL_`` keys.
+
+    ``packing=True``: all sequences of a group back to back in one row, ``position_ids`` restarting
+    at 0 at each (adaptune's packed attention, ``speedups.attention``, keeps them apart): no padding
+    at all. ``packing=False``: one right-padded row per sequence with an ``attention_mask``, as
+    TRL's collator. Keys: ``input_ids``, ``position_ids`` or ``attention_mask``, ``labels`` (answer
+    tokens, -100 on prompts and padding), ``sequence_ids`` (the sequence each token belongs to, -1
+    on padding), and one value per pair / row: ``index`` (when the features have one), ``label`` (KTO).
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool = True, max_length: int | None = None) -> None:
+        if pad_token_id is None:
+            raise ConfigError("PreferenceCollator needs a pad_token_id (data.pad_token_id_for(tokenizer))")
+        self.pad_token_id = int(pad_token_id)
+        self.packing = packing
+        self.max_length = max_length
+
+    def _sequences(self, features: list[dict], answer_key: str) -> list[tuple[list[int], int]]:
+        """(token ids, prompt length) per sequence, cut to max_length (keeping the start)."""
+        out = []
+        for f in features:
+            ids = list(f["prompt_ids"]) + list(f[answer_key])
+            out.append((ids[:self.max_length] if self.max_length else ids, len(f["prompt_ids"])))
+        return out
+
+    def _group(self, sequences: list[tuple[list[int], int]], prefix: str = "") -> dict[str, torch.Tensor]:
+        ids, labels, seq_ids, positions = [], [], [], []
+        for s, (tokens, prompt_len) in enumerate(sequences):
+            ids.append(tokens)
+            labels.append([IGNORE_INDEX] * min(prompt_len, len(tokens)) + tokens[prompt_len:])
+            seq_ids.append([s] * len(tokens))
+            positions.append(list(range(len(tokens))))
+        if self.packing:
+            flat = {"input_ids": ids, "labels": labels, "sequence_ids": seq_ids, "position_ids": positions}
+            return {prefix + k: torch.tensor([[x for row in v for x in row]]) for k, v in flat.items()}
+        width = max(len(t) for t in ids)
+        pad = [width - len(t) for t in ids]
+        out = {"input_ids": [t + [self.pad_token_id] * p for t, p in zip(ids, pad)],
+               "labels": [t + [IGNORE_INDEX] * p for t, p in zip(labels, pad)],
+               "sequence_ids": [t + [-1] * p for t, p in zip(seq_ids, pad)],
+               "attention_mask": [[1] * len(t) + [0] * p for t, p in zip(ids, pad)]}
+        return {prefix + k: torch.tensor(v) for k, v in out.items()}
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        features = list(features)
+        if "chosen_ids" in features[0]:
+            batch = self._group(self._sequences(features, "chosen_ids") + self._sequences(features, "rejected_ids"))
+        else:
+            batch = self._group(self._sequences(features, "completion_ids"))
+            batch["label"] = torch.tensor([bool(f["label"]) for f in features])
+            if "KL_completion_ids" in features[0]:
+                batch.update(self._group(self._sequences(features, "KL_completion_ids"), prefix="KL_"))
+        if "index" in features[0]:
+            batch["index"] = torch.tensor([int(f["index"]) for f in features])
+        return batch
