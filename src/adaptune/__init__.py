@@ -79,12 +79,20 @@ __all__ = [
 ]
 
 
+_PREFERENCE = ("DPOConfig", "DPOTrainer", "ORPOConfig", "ORPOTrainer", "CPOConfig", "CPOTrainer", "KTOConfig",
+               "KTOTrainer")
+
+
 def __getattr__(name: str):
     """Trainer and friends import transformers' training stack; load them only when asked."""
     if name in ("Trainer", "TrainingArguments"):
         from .training import trainer
 
         return getattr(trainer, name)
+    if name in _PREFERENCE:
+        from .training import preference
+
+        return getattr(preference, name)
     if name == "prepare_model_for_kbit_training":
         from .quant.bnb import prepare_model_for_kbit_training
 
