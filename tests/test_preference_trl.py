@@ -222,3 +222,57 @@ def test_kto_loss_and_gradients_equal_trl(tmp_path, loss_type, packing, cached):
         assert ours.precompute_reference() == n
     _close(_loss(ours, ours.data_collator(ours.train_dataset)), trl.compute_loss(trl.model, trl.data_collator(rows)),
            ours.model, trl.model)
+
+
+def test_dpo_against_a_copy_of_the_starting_adapter_equals_trl(tmp_path):
+    """A model that comes with an adapter: TRL adds a frozen 'ref' copy of it; adaptune swaps a
+    copy of its starting weights in for the reference (what --ref-adapter does). After the adapter
+    moves, both give the same loss and gradients."""
+    from trl import DPOConfig, DPOTrainer
+
+    theirs = peft.get_peft_model(tiny_llama(), _peft_config())
+    mine = adaptune.get_peft_model(tiny_llama(), adaptune.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                     lora_dropout=0.0))
+    _same_adapter(theirs, mine)
+    trl = DPOTrainer(model=theirs, args=DPOConfig(**_common(tmp_path / "trl", gradient_checkpointing=False)),
+                     train_dataset=datasets.Dataset.from_list(_rows(PAIRS)), processing_class=make_tokenizer())
+    rows = [trl.train_dataset[i] for i in range(PAIRS)]
+    features = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
+    ours = adaptune.DPOTrainer(model=mine, args=adaptune.DPOConfig(**_common(tmp_path / "ours")),
+                               train_dataset=features, processing_class=make_tokenizer())
+    assert ours.reference.kind == "adapter"
+    torch.manual_seed(2)
+    with torch.no_grad():  # "training" moves the adapter away from its start, the same way on both sides
+        trainable = {n: p for n, p in mine.named_parameters() if p.requires_grad}
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+                trainable[name].copy_(p)
+    trl.model.train()
+    ours.model.train()
+    _close(_loss(ours, ours.data_collator(ours.train_dataset)), trl.compute_loss(trl.model, trl.data_collator(rows)),
+           ours.model, trl.model)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_pairs_are_tokenized_as_trl_tokenizes_them(tmp_path, chat):
+    import json
+
+    from trl import DPOConfig, DPOTrainer
+
+    from adaptune.data.preference import load_preference_data
+
+    rows = _rows(6, seed=3)
+    if chat:
+        rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                 "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+                 "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]} for r in rows]
+    trl = DPOTrainer(model=tiny_llama(), args=DPOConfig(**_common(tmp_path / "trl", gradient_checkpointing=False)),
+                     train_dataset=datasets.Dataset.from_list(rows), processing_class=make_tokenizer(),
+                     peft_config=_peft_config())
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ours, _ = load_preference_data(path, make_tokenizer(), "pairs", max_length=1024)
+    theirs = [{k: trl.train_dataset[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+              for i in range(len(rows))]
+    assert ours == theirs

@@ -145,8 +145,24 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --output")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 | auto (the checkpoint's; default: by hardware)")
+    _preference_flags(p)
     # every train option is None unless given, so that a YAML value stands unless a flag says otherwise
     p.set_defaults(func=cmd_train, trust_remote_code=None)
+
+
+def _preference_flags(p: argparse.ArgumentParser) -> None:
+    from ..training.preference.options import DEFAULT_BETA, LOSS_TYPES, OBJECTIVES
+
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="sft (default), or preference tuning: dpo, ipo, orpo, simpo, kto; --data is then a jsonl of "
+                        "{prompt, chosen, rejected} pairs ({prompt, completion, label} rows for kto)")
+    p.add_argument("--beta", type=POSITIVE, help="preference strength (default by objective: "
+                   + ", ".join(f"{o} {b:g}" for o, b in DEFAULT_BETA.items()) + ")")
+    p.add_argument("--loss-type", help="the objective's variant: "
+                   + "; ".join(f"{o}: {', '.join(t)}" for o, t in LOSS_TYPES.items() if len(t) > 1)
+                   + " (default: the first)")
+    p.add_argument("--label-smoothing", type=float, help="dpo --loss-type robust, simpo: share of flipped labels")
+    p.add_argument("--ref-adapter", help="continue this (SFT) adapter folder; a frozen copy of it is the reference")
 
 
 def job_from_args(args: argparse.Namespace):

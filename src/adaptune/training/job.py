@@ -69,11 +69,19 @@ class TrainJob:
     dtype: str | None = None
     logging_steps: int = 5
     trust_remote_code: bool = False  # run Python files that come with the model; only when asked
+    objective: str = "sft"  # sft | dpo | ipo | orpo | simpo | kto (training.preference; --data: pairs / KTO rows)
+    beta: float | None = None  # preference objectives; None: the objective's default
+    loss_type: str | None = None  # the objective's variant (dpo: sigmoid, hinge, robust, ipo; kto: kto, ...)
+    label_smoothing: float = 0.0  # dpo --loss-type robust, simpo
+    ref_adapter: str | None = None  # continue this adapter; a frozen copy of it is the reference
 
     def __post_init__(self) -> None:
         _check_job_types(self)
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        from .preference.options import check_objective  # light: no training stack
+
+        check_objective(self, DEFAULT_LR)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
         if self.quantize_embeddings and self.method not in ("lora", "dora", "qlora"):
@@ -327,6 +335,10 @@ def _refuse_sharded_launch() -> None:
 
 def run_train(job: TrainJob, say: Callable[[str], None] = _say) -> dict:
     """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
+    if job.objective != "sft":
+        from .preference.run import run_preference
+
+        return run_preference(job, say)
     from ..atomic import atomic_write_json, atomic_write_text, check_writable, remove_temporaries
     from ..data.examples import (
         DataCollator,

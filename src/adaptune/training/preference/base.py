@@ -179,6 +179,9 @@ class PreferenceTrainer(Trainer):
         raise NotImplementedError
 
     def _reference_logps(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """The batch's cached reference values, computing the missing ones. Call it before the policy's
+        forward: an adapter reference is copied into the weights while it runs, which would invalidate
+        a graph that saved them."""
         index = inputs["index"]
         if not self.ref_cache.has(index):
             if self.reference.fixed_at_start and self.state.global_step > 0:

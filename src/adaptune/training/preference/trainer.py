@@ -31,10 +31,10 @@ class DPOTrainer(PreferenceTrainer):
 
     def get_batch_loss_metrics(self, model, inputs):
         args = self.args
+        ref = self._reference_logps(model, inputs)  # first: an adapter reference is swapped into the weights
         out = batch_log_probs(model, inputs, chunk_rows=args.loss_chunk_rows)
         chosen, rejected = out.logps.chunk(2)
         chosen_len, rejected_len = out.answer_tokens.chunk(2)
-        ref = self._reference_logps(model, inputs)
         weights = args.loss_weights or [1.0] * len(args.loss_type)
         loss = 0.0
         for loss_type, weight in zip(args.loss_type, weights):
@@ -108,8 +108,8 @@ class KTOTrainer(PreferenceTrainer):
 
     def get_batch_loss_metrics(self, model, inputs):
         args = self.args
+        ref = self._reference_logps(model, inputs)  # before the policy's forward, as in DPO
         out = batch_log_probs(model, inputs, chunk_rows=args.loss_chunk_rows)
-        ref = self._reference_logps(model, inputs)
         labels = inputs["label"].to(out.logps.device).bool()
         if self._uses_kl:
             with torch.no_grad():  # the KL term is a baseline: no gradient flows through it (as TRL)
