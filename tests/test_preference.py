@@ -91,18 +91,39 @@ def test_long_rows_keep_their_start_and_a_prompt_filling_max_length_is_skipped(t
     assert len(features[0]["prompt_ids"]) + len(features[0]["chosen_ids"]) == 10
 
 
-def test_collator_packs_all_sequences_in_one_row_or_pads_them():
-    features = [{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9], "index": 3},
-                {"prompt_ids": [10], "chosen_ids": [11, 12], "rejected_ids": [13], "index": 4}]
-    packed = PreferenceCollator(0, packing=True)(features)
-    assert packed["input_ids"].tolist() == [[5, 6, 7, 10, 11, 12, 5, 6, 8, 9, 10, 13]]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]]
-    assert packed["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3]]
-    assert packed["labels"].tolist() == [[-100, -100, 7, -100, 11, 12, -100, -100, 8, 9, -100, 13]]
-    assert packed["index"].tolist() == [3, 4] and "attention_mask" not in packed
-    padded = PreferenceCollator(0, packing=False)(features)
+def _scored(batch, prefix=""):
+    """(flat position, target, sequence, is answer) of each scored prediction."""
+    return list(zip(*(batch[prefix + k].tolist() for k in ("target_index", "target_ids", "target_sequence",
+                                                            "target_answer"))))
+
+
+FEATURES = [{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9], "index": 3},
+            {"prompt_ids": [10], "chosen_ids": [11, 12], "rejected_ids": [13], "index": 4}]
+
+
+def test_collator_shares_each_prompt_in_one_row():
+    batch = PreferenceCollator(0, "shared")(FEATURES)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3, 0, 1, 2, 1]]  # rejected goes on from the prompt
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9, -100, 11, 12, 13]]
+    # pair 0: chosen (seq 0) and rejected (seq 2) are both first predicted by the prompt's last token (col 1)
+    assert _scored(batch) == [(0, 6, 0, False), (1, 7, 0, True), (1, 8, 2, True), (3, 9, 2, True),
+                              (5, 11, 1, True), (6, 12, 1, True), (5, 13, 3, True)]
+    assert batch["answer_tokens"].tolist() == [1, 2, 2, 1] and batch["index"].tolist() == [3, 4]
+
+
+def test_collator_packs_sequences_in_one_row_or_pads_them():
+    packed = PreferenceCollator(0, "packed")(FEATURES)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 5, 6, 8, 9, 10, 11, 12, 10, 13]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert "attention_mask" not in packed
+    assert _scored(packed)[:4] == [(0, 6, 0, False), (1, 7, 0, True), (3, 6, 2, False), (4, 8, 2, True)]
+    padded = PreferenceCollator(0, packing=False)(FEATURES)
     assert padded["input_ids"].shape == (4, 4) and padded["attention_mask"].sum().item() == 12
-    assert padded["sequence_ids"][1].tolist() == [1, 1, 1, -1]
+    assert (4, 6, 2, False) in _scored(padded) and (6, 9, 2, True) in _scored(padded)  # row 1: flat 4 + col
+    kto = PreferenceCollator(0, "shared")([{"prompt_ids": [5], "completion_ids": [6, 7], "label": True,
+                                            "KL_completion_ids": [8]}])
+    assert kto["label"].tolist() == [True] and _scored(kto, "KL_") == [(0, 8, 0, True)]
 
 
 # ---- chunked log-probs -------------------------------------------------------------------------------
@@ -158,16 +179,30 @@ def _trainer(tmp_path, cls=None, config=None, model=None, **kw):
                peft_config=None if model is not None else adaptune.LoraConfig(r=4, target_modules=["q_proj"]))
 
 
-def test_packed_and_padded_batches_give_the_same_log_probs(tmp_path):
+def test_shared_packed_and_padded_batches_give_the_same_log_probs(tmp_path):
+    from adaptune.speedups.attention import packed_attention
+    from adaptune.training.preference.attention import shared_prompt_attention, supports_shared_prompts
     from adaptune.training.preference.logps import batch_log_probs
 
     trainer = _trainer(tmp_path)
-    features = trainer.train_dataset
-    with trainer._packed_attention():
-        packed = batch_log_probs(trainer.model, PreferenceCollator(0, packing=True)(features))
-    padded = batch_log_probs(trainer.model, PreferenceCollator(0, packing=False)(features))
-    torch.testing.assert_close(packed.logps, padded.logps, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed.answer_tokens, padded.answer_tokens)
+    assert trainer.layout == "shared" and supports_shared_prompts(trainer.model)
+    features, model = trainer.train_dataset, trainer.model
+    with shared_prompt_attention(model):
+        shared = batch_log_probs(model, PreferenceCollator(0, "shared")(features), nll_sequences=8, nll_prompt=True)
+    with packed_attention(model):
+        packed = batch_log_probs(model, PreferenceCollator(0, "packed")(features), nll_sequences=8, nll_prompt=True)
+    padded = batch_log_probs(model, PreferenceCollator(0, "padded")(features), nll_sequences=8, nll_prompt=True)
+    for got in (shared, packed):
+        torch.testing.assert_close(got.logps, padded.logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.nll, padded.nll, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.answer_targets, padded.answer_targets)
+
+
+def test_eager_attention_models_do_not_share_prompts(tmp_path):
+    model = tiny_llama(attn_implementation="eager")
+    trainer = _trainer(tmp_path, model=adaptune.get_peft_model(model, adaptune.LoraConfig(r=4,
+                                                                                           target_modules=["q_proj"])))
+    assert trainer.layout != "shared"
 
 
 def test_the_adapter_reference_is_a_swapped_in_copy_and_the_weights_come_back(tmp_path):
@@ -177,7 +212,7 @@ def test_the_adapter_reference_is_a_swapped_in_copy_and_the_weights_come_back(tm
     reference = Reference(model, "adapter")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(1.0)
     moved = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -75,8 +75,14 @@ def _common(tmp_path, **kw) -> dict:
                 use_cpu=True, bf16=False, **kw)
 
 
-def _ours(trainer_cls, config_cls, features, tmp_path, packing: bool, **kw):
-    args = config_cls(**_common(tmp_path / "ours", packing=packing, **kw))
+def _ours(trainer_cls, config_cls, features, tmp_path, layout: str | bool, **kw):
+    """adaptune's trainer with ``layout`` 'shared' (pairs' prompts once), 'packed' or 'padded' (True: the
+    leanest it picks, False: padded)."""
+    if isinstance(layout, str):
+        kw.update(packing=layout != "padded", share_prompt=layout == "shared")
+    else:
+        kw["packing"] = layout
+    args = config_cls(**_common(tmp_path / "ours", **kw))
     trainer = trainer_cls(model=tiny_llama(), args=args, train_dataset=features, processing_class=make_tokenizer(),
                           peft_config=adaptune.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                           lora_dropout=0.0))
@@ -107,17 +113,22 @@ def _trl_dpo(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1)])
-@pytest.mark.parametrize("packing", [True, False])
-def test_dpo_loss_and_gradients_equal_trl(tmp_path, loss_type, smoothing, packing):
+@pytest.mark.parametrize("layout", ["shared", "packed", "padded"])
+def test_dpo_loss_and_gradients_equal_trl(tmp_path, loss_type, smoothing, layout):
     trl = _trl_dpo(tmp_path, loss_type=loss_type, label_smoothing=smoothing, beta=0.2)
     rows = [trl.train_dataset[i] for i in range(PAIRS)]
     features = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
-    ours = _ours(adaptune.DPOTrainer, adaptune.DPOConfig, features, tmp_path, packing, loss_type=loss_type,
+    ours = _ours(adaptune.DPOTrainer, adaptune.DPOConfig, features, tmp_path, layout, loss_type=loss_type,
                  label_smoothing=smoothing, beta=0.2)
-    assert ours.packing is packing and ours.reference.kind == "base"
+    assert ours.layout == layout and ours.reference.kind == "base"
     _same_adapter(trl.model, ours.model)
     batch = ours.data_collator(ours.train_dataset)
-    assert ("position_ids" in batch) is packing and batch["input_ids"].shape[0] == (1 if packing else 2 * PAIRS)
+    prompts = sum(len(f["prompt_ids"]) for f in features)
+    answers = sum(len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features)
+    if layout == "padded":
+        assert batch["input_ids"].shape[0] == 2 * PAIRS
+    else:  # one row, no padding; each prompt in it once when shared
+        assert batch["input_ids"].shape == (1, answers + prompts * (1 if layout == "shared" else 2))
     _close(_loss(ours, batch), trl.compute_loss(trl.model, trl.data_collator(rows)), ours.model, trl.model)
 
 
@@ -127,7 +138,7 @@ def test_dpo_with_cached_reference_equals_trl(tmp_path):
     trl = _trl_dpo(tmp_path, beta=0.1)
     rows = [trl.train_dataset[i] for i in range(PAIRS)]
     features = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
-    ours = _ours(adaptune.DPOTrainer, adaptune.DPOConfig, features, tmp_path, True)
+    ours = _ours(adaptune.DPOTrainer, adaptune.DPOConfig, features, tmp_path, "shared")
     _same_adapter(trl.model, ours.model)
     assert ours.precompute_reference() == PAIRS and ours.ref_cache.known() == PAIRS
     calls = []
@@ -153,8 +164,8 @@ def _from_trl_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_orpo_loss_and_gradients_equal_trl(tmp_path, packing):
+@pytest.mark.parametrize("layout", ["shared", "packed", "padded"])
+def test_orpo_loss_and_gradients_equal_trl(tmp_path, layout):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     args = ORPOConfig(**_common(tmp_path / "trl", beta=0.2, max_length=64))
@@ -162,11 +173,13 @@ def test_orpo_loss_and_gradients_equal_trl(tmp_path, packing):
                       processing_class=make_tokenizer(), peft_config=_peft_config())
     trl.model.train()
     rows = [trl.train_dataset[i] for i in range(PAIRS)]
-    ours = _ours(adaptune.ORPOTrainer, adaptune.ORPOConfig, _from_trl_rows(rows), tmp_path, packing, beta=0.2)
-    assert ours.reference is None
+    ours = _ours(adaptune.ORPOTrainer, adaptune.ORPOConfig, _from_trl_rows(rows), tmp_path, layout, beta=0.2)
+    assert ours.reference is None and ours.layout == layout
     _same_adapter(trl.model, ours.model)
     trl_loss, trl_metrics = trl.get_batch_loss_metrics(trl.model, trl.data_collator(rows))
-    ours_loss, metrics = ours.compute_loss(ours.model, ours.data_collator(ours.train_dataset), return_outputs=True)
+    with ours._packed_attention():
+        ours_loss, metrics = ours.compute_loss(ours.model, ours.data_collator(ours.train_dataset),
+                                               return_outputs=True)
     assert metrics["nll_loss"] == pytest.approx(trl_metrics["nll_loss"], rel=1e-5)
     _close(ours_loss, trl_loss, ours.model, trl.model)
 
@@ -184,7 +197,7 @@ def test_cpo_and_simpo_equal_trl(tmp_path, loss_type, cpo_alpha, smoothing):
                      peft_config=_peft_config())
     trl.model.train()
     rows = [trl.train_dataset[i] for i in range(PAIRS)]
-    ours = _ours(adaptune.CPOTrainer, adaptune.CPOConfig, _from_trl_rows(rows), tmp_path, True, **kw)
+    ours = _ours(adaptune.CPOTrainer, adaptune.CPOConfig, _from_trl_rows(rows), tmp_path, "shared", **kw)
     _same_adapter(trl.model, ours.model)
     trl_loss, _ = trl.get_batch_loss_metrics(trl.model, trl.data_collator(rows))
     _close(_loss(ours, ours.data_collator(ours.train_dataset)), trl_loss, ours.model, trl.model)

@@ -264,6 +264,36 @@ def add_kl_completions(features: list[dict], batch_size: int) -> list[dict]:
 # --------------------------------------------------------------------------- collating
 
 IGNORE_INDEX = -100
+LAYOUTS = ("shared", "packed", "padded")
+
+
+class _Rows:
+    """Token rows being built, and the predictions to score: (row, column of the predicting output,
+    target token, sequence, whether the target is an answer token)."""
+
+    def __init__(self) -> None:
+        self.ids: list[list[int]] = []
+        self.positions: list[list[int]] = []
+        self.labels: list[list[int]] = []
+        self.targets: list[tuple[int, int, int, int, bool]] = []
+
+    def new_row(self) -> None:
+        self.ids.append([])
+        self.positions.append([])
+        self.labels.append([])
+
+    def add(self, tokens: list[int], positions: list[int], answer_from: int) -> int:
+        """Append tokens to the last row (labels on those from ``answer_from``); returns their first column."""
+        col = len(self.ids[-1])
+        self.ids[-1] += tokens
+        self.positions[-1] += positions
+        self.labels[-1] += [IGNORE_INDEX] * answer_from + tokens[answer_from:]
+        return col
+
+    def score(self, col: int, tokens: list[int], seq: int, answer_from: int) -> None:
+        """Token j >= 1 of ``tokens`` (placed at ``col``) is predicted by the output at ``col + j - 1``."""
+        row = len(self.ids) - 1
+        self.targets += [(row, col + j - 1, tokens[j], seq, j >= answer_from) for j in range(1, len(tokens))]
 
 
 class PreferenceCollator:
@@ -273,56 +303,91 @@ class PreferenceCollator:
     (TRL's order: sequence k is pair k's chosen, B + k its rejected); KTO rows give prompt +
     completion, and their prompt + ``KL_completion_ids`` as a second group under ``KL_`` keys.
 
-    ``packing=True``: all sequences of a group back to back in one row, ``position_ids`` restarting
-    at 0 at each (adaptune's packed attention, ``speedups.attention``, keeps them apart): no padding
-    at all. ``packing=False``: one right-padded row per sequence with an ``attention_mask``, as
-    TRL's collator. Keys: ``input_ids``, ``position_ids`` or ``attention_mask``, ``labels`` (answer
-    tokens, -100 on prompts and padding), ``sequence_ids`` (the sequence each token belongs to, -1
-    on padding), and one value per pair / row: ``index`` (when the features have one), ``label`` (KTO).
+    Layouts: ``"shared"`` puts all pairs in one row, each as ``prompt, chosen, rejected`` with the
+    rejected answer's positions going on from the prompt (the prompt runs once; needs
+    ``training.preference.attention``); ``"packed"`` puts all sequences back to back in one row,
+    positions restarting at 0 at each (adaptune's packed attention keeps them apart); ``"padded"``
+    gives one right-padded row per sequence with an ``attention_mask``, as TRL's collator. The
+    packed rows hold no padding at all.
+
+    Keys: ``input_ids``, ``position_ids`` or ``attention_mask``, ``labels`` (answer tokens, -100
+    elsewhere); the predictions to score: ``target_index`` (the flat position, in the rows, of the
+    output that predicts the token), ``target_ids``, ``target_sequence`` and ``target_answer``
+    (answer token, else prompt token); ``answer_tokens`` (answer length of each sequence); one value
+    per pair / row: ``index`` (when the features have one) and ``label`` (KTO).
     """
 
-    def __init__(self, pad_token_id: int, packing: bool = True, max_length: int | None = None) -> None:
+    def __init__(self, pad_token_id: int, packing: bool | str = True, max_length: int | None = None) -> None:
         if pad_token_id is None:
             raise ConfigError("PreferenceCollator needs a pad_token_id (data.pad_token_id_for(tokenizer))")
+        layout = packing if isinstance(packing, str) else ("packed" if packing else "padded")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.pad_token_id = int(pad_token_id)
-        self.packing = packing
+        self.layout = layout
         self.max_length = max_length
 
-    def _sequences(self, features: list[dict], answer_key: str) -> list[tuple[list[int], int]]:
-        """(token ids, prompt length) per sequence, cut to max_length (keeping the start)."""
-        out = []
-        for f in features:
-            ids = list(f["prompt_ids"]) + list(f[answer_key])
-            out.append((ids[:self.max_length] if self.max_length else ids, len(f["prompt_ids"])))
-        return out
+    def _cut(self, prompt: list[int], answer: list[int]) -> tuple[list[int], list[int]]:
+        """prompt + answer kept to max_length from the start, as TRL truncates."""
+        if not self.max_length:
+            return list(prompt), list(answer)
+        return list(prompt[:self.max_length]), list(answer[:max(self.max_length - len(prompt), 0)])
 
-    def _group(self, sequences: list[tuple[list[int], int]], prefix: str = "") -> dict[str, torch.Tensor]:
-        ids, labels, seq_ids, positions = [], [], [], []
-        for s, (tokens, prompt_len) in enumerate(sequences):
-            ids.append(tokens)
-            labels.append([IGNORE_INDEX] * min(prompt_len, len(tokens)) + tokens[prompt_len:])
-            seq_ids.append([s] * len(tokens))
-            positions.append(list(range(len(tokens))))
-        if self.packing:
-            flat = {"input_ids": ids, "labels": labels, "sequence_ids": seq_ids, "position_ids": positions}
-            return {prefix + k: torch.tensor([[x for row in v for x in row]]) for k, v in flat.items()}
-        width = max(len(t) for t in ids)
-        pad = [width - len(t) for t in ids]
-        out = {"input_ids": [t + [self.pad_token_id] * p for t, p in zip(ids, pad)],
-               "labels": [t + [IGNORE_INDEX] * p for t, p in zip(labels, pad)],
-               "sequence_ids": [t + [-1] * p for t, p in zip(seq_ids, pad)],
-               "attention_mask": [[1] * len(t) + [0] * p for t, p in zip(ids, pad)]}
-        return {prefix + k: torch.tensor(v) for k, v in out.items()}
+    def _group(self, items: list[tuple[list[int], list[list[int]]]], prefix: str = "") -> dict[str, torch.Tensor]:
+        """Lay out (prompt, answers) items: answer k of item i is sequence i + k * len(items)."""
+        rows = _Rows()
+        lengths = [0] * sum(len(answers) for _, answers in items)
+        if self.layout != "padded":
+            rows.new_row()
+        for i, (prompt, answers) in enumerate(items):
+            root = None
+            for k, answer in enumerate(answers):
+                seq = i + k * len(items)
+                lengths[seq] = len(answer)
+                if self.layout == "padded":
+                    rows.new_row()
+                if self.layout == "shared" and root is not None and prompt:
+                    col = rows.add(answer, list(range(len(prompt), len(prompt) + len(answer))), 0)
+                    if answer:  # its first token is predicted by the prompt's last output
+                        rows.targets.append((0, root + len(prompt) - 1, answer[0], seq, True))
+                    rows.score(col, answer, seq, 0)
+                    continue
+                tokens = prompt + answer
+                root = rows.add(tokens, list(range(len(tokens))), len(prompt))
+                rows.score(root, tokens, seq, len(prompt))
+        return self._tensors(rows, lengths, prefix)
+
+    def _tensors(self, rows: _Rows, lengths: list[int], prefix: str) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows.ids)
+        pad = [width - len(r) for r in rows.ids]
+        out = {"input_ids": [r + [self.pad_token_id] * p for r, p in zip(rows.ids, pad)],
+               "labels": [r + [IGNORE_INDEX] * p for r, p in zip(rows.labels, pad)]}
+        if self.layout == "padded":
+            out["attention_mask"] = [[1] * len(r) + [0] * p for r, p in zip(rows.ids, pad)]
+        else:
+            out["position_ids"] = rows.positions
+        batch = {prefix + k: torch.tensor(v) for k, v in out.items()}
+        targets = rows.targets
+        batch[prefix + "target_index"] = torch.tensor([r * width + c for r, c, *_ in targets], dtype=torch.long)
+        batch[prefix + "target_ids"] = torch.tensor([t[2] for t in targets], dtype=torch.long)
+        batch[prefix + "target_sequence"] = torch.tensor([t[3] for t in targets], dtype=torch.long)
+        batch[prefix + "target_answer"] = torch.tensor([t[4] for t in targets], dtype=torch.bool)
+        batch[prefix + "answer_tokens"] = torch.tensor(lengths, dtype=torch.float32)
+        return batch
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         features = list(features)
+
+        def item(f: dict, keys: tuple[str, ...]) -> tuple[list[int], list[list[int]]]:
+            return self._cut(f["prompt_ids"], [])[0], [self._cut(f["prompt_ids"], f[k])[1] for k in keys]
+
         if "chosen_ids" in features[0]:
-            batch = self._group(self._sequences(features, "chosen_ids") + self._sequences(features, "rejected_ids"))
+            batch = self._group([item(f, ("chosen_ids", "rejected_ids")) for f in features])
         else:
-            batch = self._group(self._sequences(features, "completion_ids"))
+            batch = self._group([item(f, ("completion_ids",)) for f in features])
             batch["label"] = torch.tensor([bool(f["label"]) for f in features])
             if "KL_completion_ids" in features[0]:
-                batch.update(self._group(self._sequences(features, "KL_completion_ids"), prefix="KL_"))
+                batch.update(self._group([item(f, ("KL_completion_ids",)) for f in features], prefix="KL_"))
         if "index" in features[0]:
             batch["index"] = torch.tensor([int(f["index"]) for f in features])
         return batch

@@ -12,6 +12,7 @@ loss. Differences from TRL's trainers, all to do less work for the same loss and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import defaultdict
@@ -91,11 +92,11 @@ class PreferenceTrainer(Trainer):
         train = self._prepare(train_dataset, processing_class, args, args.per_device_train_batch_size)
         val = self._prepare(eval_dataset, processing_class, args, args.per_device_eval_batch_size) \
             if eval_dataset is not None else None
-        packing = args.packing and self._packs(model)
-        collator = data_collator or PreferenceCollator(pad_token_id_for(processing_class), packing, args.max_length)
+        self.layout = self._layout(model, args)
+        collator = data_collator or PreferenceCollator(pad_token_id_for(processing_class), self.layout,
+                                                       args.max_length)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=val,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
-        self.packing = packing
         self.ref_cache = ReferenceCache(self.ref_width)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
@@ -129,14 +130,36 @@ class PreferenceTrainer(Trainer):
                 kind = "initial"
         return Reference(model, kind, ref_model)
 
-    def _packs(self, model: Any) -> bool:
+    def _layout(self, model: Any, args: PreferenceConfig) -> str:
+        """'shared' (pairs' prompts once), 'packed' or 'padded': the leanest the model computes exactly."""
         from ...data.examples import supports_packing
+        from .attention import supports_shared_prompts
 
+        if not args.packing:
+            return "padded"
+        if self.kind == "pairs" and args.share_prompt and supports_shared_prompts(model):
+            return "shared"
         if supports_packing(model):
-            return True
+            return "packed"
         warnings.warn("this model does not keep packed sequences apart; training on padded rows",
                       AdaptuneWarning, stacklevel=4)
-        return False
+        return "padded"
+
+    @property
+    def packing(self) -> bool:
+        return self.layout != "padded"
+
+    def _packed_attention(self):
+        """The attention the rows need while training: shared-prompt rows switch it themselves."""
+        if self.layout == "shared":
+            return contextlib.nullcontext(0)
+        return super()._packed_attention()
+
+    def _attention(self):
+        """Within the block, rows of pairs sharing their prompt are attended as such."""
+        from .attention import shared_prompt_attention
+
+        return shared_prompt_attention(self.model) if self.layout == "shared" else contextlib.nullcontext(0)
 
     def _prepare(self, dataset: Any, tokenizer: Any, args: PreferenceConfig, batch_size: int) -> list[dict]:
         """Rows (strings, chat messages, or TRL's tokenized ``*_ids``) -> feature dicts with a global index."""
@@ -191,7 +214,7 @@ class PreferenceTrainer(Trainer):
         return self.ref_cache.get(index).to(inputs["input_ids"].device)
 
     def _compute_reference(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
-        with torch.no_grad(), self.reference.active(self.accelerator.unwrap_model(model)) as ref:
+        with torch.no_grad(), self._attention(), self.reference.active(self.accelerator.unwrap_model(model)) as ref:
             self.ref_cache.put(inputs["index"], self.reference_values(ref, inputs))
 
     def precompute_reference(self, datasets: list[list[dict]] | None = None) -> int:
@@ -243,7 +266,7 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._attention():
             loss, metrics = self.get_batch_loss_metrics(model, inputs)
         mode = "train" if model.training else "eval"
         for key, value in metrics.items():

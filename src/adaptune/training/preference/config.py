@@ -32,6 +32,10 @@ class PreferenceConfig(TrainingArguments):
         default=True,
         metadata={"help": "Put all sequences of a batch in one row, position_ids restarting at each, no padding "
                           "(needs a model that keeps packed sequences apart; checked, else padded rows)."})
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "With packing: each pair as prompt, chosen, rejected in the row, the prompt run once "
+                          "(training.preference.attention; checked on the model, else packed as two sequences)."})
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={"help": "Compute every example's reference log-probabilities in one pass before training. "

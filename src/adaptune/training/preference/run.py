@@ -137,7 +137,8 @@ def run_preference(job: Any, say: Callable[[str], None]) -> dict:
     objective = job.objective + (f" ({job.loss_type})" if job.loss_type else "")
     say(f"objective: {objective}, beta {job.beta:g}; reference: "
         + (trainer.reference.describe() if trainer.reference else "none (the objective needs none)")
-        + ("; pairs packed into one row per batch" if trainer.packing else "; padded rows"))
+        + {"shared": "; each batch in one row, each prompt once", "packed": "; each batch in one row",
+           "padded": "; padded rows"}[trainer.layout])
     result: dict[str, Any] = {"objective": job.objective, "loss_type": job.loss_type, "beta": job.beta,
                               "train_examples": len(train), "val_examples": len(val), "trainable_params": trainable}
     checkpoint = last_complete_checkpoint(out) if job.resume else None
