@@ -360,3 +360,62 @@ def test_cli_pair_objective_on_kto_rows_says_so(model_dir, tmp_path, capsys):
     data = _write(tmp_path / "k.jsonl", [{"prompt": "a", "completion": " b", "label": True}] * 4)
     assert _train(model_dir, data, tmp_path / "o", "--objective", "dpo") == 2
     assert "--objective kto" in capsys.readouterr().err
+
+
+# ---- memory estimate -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_memory_estimate_matches_a_measured_preference_step(objective):
+    """``estimate_training_memory(objective=...)`` against a measured step of the preference path
+    (packed row, chunked head, cached reference; tensors counted by torch.profiler as in test_memory)."""
+    from transformers import LlamaForCausalLM
+
+    from adaptune.speedups.attention import packed_attention
+    from adaptune.tools.memory import estimate_training_memory
+    from adaptune.training.preference.logps import batch_log_probs
+    from adaptune.training.preference.losses import dpo_loss, kto_loss
+    from tests.test_memory import measured_peak, small_llama_config
+
+    cfg, pairs, seq = small_llama_config(), 2, 256
+    torch.manual_seed(0)
+    model = adaptune.get_peft_model(LlamaForCausalLM(cfg), adaptune.LoraConfig(r=8, target_modules=["q_proj",
+                                                                                                    "v_proj"]))
+    model.train()
+
+    def answer():
+        return torch.randint(3, cfg.vocab_size, (seq - 1,)).tolist()
+
+    if objective == "dpo":
+        features = [{"prompt_ids": [1], "chosen_ids": answer(), "rejected_ids": answer()} for _ in range(pairs)]
+    else:
+        features = [{"prompt_ids": [1], "completion_ids": answer(), "label": bool(i % 2)} for i in range(pairs)]
+    batch = PreferenceCollator(0, "packed")(features)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    zeros = torch.zeros(pairs)
+
+    def step():
+        with packed_attention(model):
+            logps = batch_log_probs(model, batch).logps
+        if objective == "dpo":
+            loss = dpo_loss(logps[:pairs], logps[pairs:], zeros, zeros)[0].mean()
+        else:
+            loss = kto_loss(logps[1::2], logps[0::2], zeros[1::2], zeros[0::2], torch.zeros(()))[0].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    measured = measured_peak(model, opt, step)
+    est = estimate_training_memory(cfg, "lora", pairs, seq, r=8, target_modules=("q_proj", "v_proj"),
+                                   device="cpu", objective=objective)
+    sft = estimate_training_memory(cfg, "lora", pairs, seq, r=8, target_modules=("q_proj", "v_proj"),
+                                   device="cpu")
+    report = f"{objective}: measured {measured / 2**20:.1f} MiB, estimated peak {est.peak / 2**20:.1f} MiB"
+    assert abs(est.peak / measured - 1) <= 0.10, report
+    assert (est.activations > sft.activations) == (objective == "dpo")  # two sequences a pair; no full logits
+
+
+def test_cli_inspect_memory_covers_preference_objectives(model_dir, capsys):
+    assert main(["inspect", str(model_dir), "--memory", "--objective", "dpo", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 4 x 512 tokens, dpo: pairs" in out and "lora" in out

@@ -289,6 +289,8 @@ def _inspect_parser(sub) -> None:
     p.add_argument("--memory", action="store_true", help="estimate training memory (full / LoRA / QLoRA)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--objective", default="sft", choices=("sft", "dpo", "ipo", "orpo", "simpo", "kto"),
+                   help="--memory for preference training: --batch-size pairs (kto: rows) of --seq-len tokens")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -342,11 +344,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.memory:
         from ..tools.memory import estimate_training_memory, format_estimates
 
-        kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, r=args.r)
+        kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, r=args.r, objective=args.objective)
         if targets is not None:
             kw["target_modules"] = targets
         estimates = [estimate_training_memory(model.config, m, **kw) for m in ("full", "lora", "qlora")]
-        print(f"\nestimated training memory (batch {args.batch_size} x {args.seq_len} tokens, AdamW):")
+        what = "" if args.objective == "sft" else f", {args.objective}: " + ("rows" if args.objective == "kto"
+                                                                             else "pairs")
+        print(f"\nestimated training memory (batch {args.batch_size} x {args.seq_len} tokens{what}, AdamW):")
         print(format_estimates(estimates))
     return 0
 

@@ -413,7 +413,8 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
                              gradient_checkpointing: bool = False, *,
                              lora_dropout: float = 0.0, padded: bool = False,
                              double_quant: bool = True, device: Any = None,
-                             trust_remote_code: bool = False) -> MemoryEstimate:
+                             trust_remote_code: bool = False, objective: str = "sft",
+                             shared_prompt_tokens: int = 0) -> MemoryEstimate:
     """Estimate the memory of one training step (see the module doc for the model).
 
     ``config_or_model``: a transformers config, a model (real or meta), or a model name/path
@@ -423,6 +424,8 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     ``device``: where training will run (default: ``adaptune.models.pick_device()``); it only
     changes how dropout masks are stored (CUDA keeps 1-byte masks, the CPU full-width ones) and
     whether attention with dropout has a fused kernel (not on the CPU).
+    ``objective``: ``"sft"``, or a preference objective (:func:`preference_tokens`): ``batch_size``
+    then counts pairs (KTO: rows) of ``seq_len`` tokens each.
     """
     method = str(method).lower()
     if method not in METHODS:
@@ -461,7 +464,7 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     optimizer = 2 * trainable * grad_bytes
 
     # -- activations, bytes per token
-    tokens = batch_size * seq_len
+    tokens = preference_tokens(objective, batch_size, seq_len, shared_prompt_tokens)
     if device is None:
         from ..hub import pick_device
 
@@ -486,8 +489,15 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     if s.embd_dropout > 0 and full:  # with frozen embeddings nothing needs the mask
         head += s.h * (1 if cuda else c)
     loss_peak = LOGITS_COPIES * s.vocab * 4
+    grad_logits = s.vocab * (4 + (c if c != 4 else 0))
     layer_transient = (3 * s.i + 2 * s.h) * c
     shared = 2 * seq_len * s.head_dim * c if s.has_rotary else 0  # cos, sin
+    if objective != "sft":
+        # the chunked head: scored rows gathered + their gradient, and one chunk of logits at a time;
+        # the batch is one packed row, so cos and sin are as long as all its tokens
+        loss_peak = grad_logits = 2 * s.h * c
+        shared = PREFERENCE_CHUNK_ROWS * s.vocab * 4 * (2 if c != 4 else 1)
+        shared += 2 * tokens * s.head_dim * c if s.has_rotary else 0
     if padded:
         shared += batch_size * seq_len * seq_len  # boolean attention mask
     # bitsandbytes dequantizes one 4-bit weight at a time to the compute dtype (CUDA kernels do,
@@ -511,7 +521,6 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     head_grad = gradients - layer_grads - embed_grad
     points = [(s.layers * layer_kept + head + loss_peak) * tokens + shared]
     grads_so_far = head_grad  # the head's backward: the logits' gradient (fp32, and cast back)
-    grad_logits = s.vocab * (4 + (c if c != 4 else 0))
     points.append((s.layers * layer_kept + head + grad_logits) * tokens + shared + grads_so_far)
     for k in range(s.layers, 0, -1):  # each layer: its activations and the new gradients
         points.append((k * layer_kept + recompute) * tokens + dequant + shared + grads_so_far
@@ -527,6 +536,29 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
                           gradients=int(gradients), optimizer=int(optimizer),
                           activations=int(activations), peak=int(peak), params=int(params),
                           trainable_params=int(trainable))
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto")
+PREFERENCE_CHUNK_ROWS = 256  # rows of logits adaptune's preference trainers make at a time
+
+
+def preference_tokens(objective: str, batch_size: int, seq_len: int, shared_prompt_tokens: int = 0) -> int:
+    """Tokens one training step runs for ``objective`` (adaptune.training.preference).
+
+    Pair objectives run two sequences of ``seq_len`` per pair, less ``shared_prompt_tokens`` when
+    the pair's prompt is packed once (the default layout; 0 gives the upper bound). KTO runs one
+    sequence per row (its KL term runs without gradients, so it adds nothing kept). Reference
+    log-probabilities are cached: no second model and no reference activations. The output head
+    runs chunked: no full logits, only the scored rows and their gradient (``2 h`` values a token)."""
+    if objective == "sft":
+        return batch_size * seq_len
+    if objective not in PREFERENCE_OBJECTIVES:
+        raise ConfigError(f"objective must be sft or one of {', '.join(PREFERENCE_OBJECTIVES)}, got {objective!r}")
+    if objective == "kto":
+        return batch_size * seq_len
+    if not 0 <= shared_prompt_tokens < seq_len:
+        raise ConfigError(f"shared_prompt_tokens must be in [0, seq_len), got {shared_prompt_tokens}")
+    return batch_size * (2 * seq_len - shared_prompt_tokens)
 
 
 def estimate_all(config_or_model: Any, batch_size: int, seq_len: int,
@@ -568,4 +600,4 @@ def format_estimates(estimates: Sequence[MemoryEstimate]) -> str:
 
 
 __all__ = ["MemoryEstimate", "build_meta_model", "count_parameters", "estimate_all",
-           "estimate_training_memory", "format_estimates", "nf4_bytes"]
+           "estimate_training_memory", "format_estimates", "nf4_bytes", "preference_tokens"]
