@@ -1,14 +1,14 @@
 """DPO with a LoRA adapter, side by side: adaptune's DPOTrainer vs TRL's DPOTrainer with a peft LoRA.
 
-    python bench/preference.py                      # trl, adaptune (~5 min on 2 cores)
+    python bench/preference.py                      # trl, adaptune (a few minutes each on 2 quiet cores)
     python bench/preference.py --tools trl trl-precompute adaptune
 
 Setup, the same for every tool: the embedded SmolLM2-135M-Instruct in fp32
 (``adaptune.hub.load_model_and_tokenizer(None)``); LoRA r=8 alpha=16 on q_proj and v_proj, the same
 starting weights for both (A drawn from a seeded generator per parameter name, B zero; dropout off,
-as both trainers do by default); 64 pairs built from the embedded Shakespeare
+as both trainers do by default); 32 pairs built from the embedded Shakespeare
 (``shakespeare_pairs.py``: a passage, its true next line(s) as chosen, lines from elsewhere as
-rejected), 8 pairs a step, 2 epochs (16 steps), the sigmoid DPO loss with beta 0.1, AdamW lr 5e-5
+rejected), 8 pairs a step, 2 epochs (8 steps), the sigmoid DPO loss with beta 0.1, AdamW lr 5e-5
 with cosine decay and 2 warm-up steps, max_length 128, no gradient checkpointing (TRL's default
 turns it on; here neither uses it), seed 0 (the same pairs in the same batches). The reference is
 the base model with the adapter disabled in both.
@@ -42,7 +42,7 @@ import common  # noqa: E402
 from shakespeare_pairs import make_pairs  # noqa: E402
 
 TOOLS = ("trl", "trl-precompute", "adaptune")
-PAIRS, VAL_PAIRS, BATCH, EPOCHS = 64, 32, 8, 2
+PAIRS, VAL_PAIRS, BATCH, EPOCHS = 32, 32, 8, 2
 LR, WARMUP, BETA, MAX_LENGTH = 5e-5, 2, 0.1, 128
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 
@@ -217,7 +217,8 @@ def main() -> None:
           f"{BATCH} a step, {args.epochs} epochs", flush=True)
     for tool in args.tools:
         res = common.run_child("preference.py", ["--tool", tool, "--pairs", str(args.pairs),
-                                                 "--epochs", str(args.epochs)], quiet_wait=args.wait_quiet)
+                                                 "--epochs", str(args.epochs)], quiet_wait=args.wait_quiet,
+                               timeout=3600)
         record["results"].append(res)
         brief = (f"{res['pairs_s']:.2f} pairs/s, peak {res['peak_rss_mb']:.0f} MB, held-out loss "
                  f"{res['heldout']['loss']:.4f}, {res['train_s']:.0f} s") if "error" not in res else res

@@ -310,6 +310,19 @@ def test_cli_resume_reads_the_reference_from_the_checkpoint(model_dir, pairs_fil
         torch.testing.assert_close(resumed[key], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_cli_resume_of_a_finished_run_trains_no_further(model_dir, pairs_file, dpo_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "adapter"
+    shutil.copytree(dpo_run / "checkpoint-4", out / "checkpoint-4")
+    assert _train(model_dir, pairs_file, out, "--objective", "dpo", "--resume") == 0
+    assert json.loads((out / "train_result.json").read_text())["steps"] == 4
+    from safetensors.torch import load_file
+
+    resumed, full = load_file(out / "adapter_model.safetensors"), load_file(dpo_run / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], t) for k, t in full.items())
+
+
 def test_cli_ref_adapter_continues_an_sft_adapter_against_itself(model_dir, pairs_file, dpo_run, tmp_path):
     sft = tmp_path / "sft"
     from tests.tiny import write_words_file

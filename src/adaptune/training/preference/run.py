@@ -8,6 +8,7 @@ after training: the objective's loss, reward accuracy and margin.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -103,6 +104,17 @@ def _data(job: Any, tokenizer: Any, say: Callable[[str], None]) -> tuple[list[di
     return train, val
 
 
+def _finished_step(checkpoint: str | None, job: Any) -> int | None:
+    """The checkpoint's step if it already reached ``--max-steps`` (a run killed after training)."""
+    if checkpoint is None or job.max_steps <= 0:
+        return None
+    try:
+        step = int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if step >= job.max_steps else None
+
+
 def run_preference(job: Any, say: Callable[[str], None]) -> dict:
     """Run a preference job; returns what it printed (held-out metrics before/after, loss, time)."""
     from ...atomic import atomic_write_json, check_writable, remove_temporaries
@@ -146,9 +158,15 @@ def run_preference(job: Any, say: Callable[[str], None]) -> dict:
         say(f"--resume: no complete checkpoint in {out}; training from the start")
     if val and is_main and checkpoint is None:
         result["eval_before"] = _evaluate(trainer, "before", say)
-    train_out = trainer.train(resume_from_checkpoint=checkpoint)
-    result.update(steps=train_out.global_step, train_loss=train_out.training_loss,
-                  train_seconds=round(float(train_out.metrics.get("train_runtime", float("nan"))), 2))
+    done = _finished_step(checkpoint, job)
+    if done is not None:  # transformers would train a step past max_steps from the last checkpoint
+        say(f"training had reached step {done} in {checkpoint}; finishing from there")
+        trainer._load_from_checkpoint(checkpoint)
+        result["steps"] = done
+    else:
+        train_out = trainer.train(resume_from_checkpoint=checkpoint)
+        result.update(steps=train_out.global_step, train_loss=train_out.training_loss,
+                      train_seconds=round(float(train_out.metrics.get("train_runtime", float("nan"))), 2))
     if is_main:
         if val:
             result["eval_after"] = _evaluate(trainer, "after", say)
