@@ -83,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=TRAIN)
     ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--lr", type=float, default=LR)
     args = ap.parse_args()
     import torch
 
@@ -93,7 +94,7 @@ def main() -> None:
     train, held = make_pairs(args.pairs), make_pairs(HELD_OUT, held_out=True)
     torch.manual_seed(0)
     config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo-demo-"), per_device_train_batch_size=BATCH,
-                       num_train_epochs=args.epochs, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=2,
+                       num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=2,
                        logging_steps=4, save_strategy="no", report_to="none", seed=0, beta=BETA,
                        max_length=MAX_LENGTH, disable_tqdm=True)
     trainer = DPOTrainer(model=model, args=config, train_dataset=train, processing_class=tok,
@@ -106,7 +107,8 @@ def main() -> None:
     train_s = time.perf_counter() - t
     after = {**preference_metrics(peft_model, tok, held), "perplexity": text_perplexity(peft_model, tok)}
     print("after: ", {k: round(v, 4) for k, v in after.items()}, flush=True)
-    record = {"train_pairs": args.pairs, "held_out_pairs": HELD_OUT, "epochs": args.epochs, "steps": out.global_step,
+    record = {"train_pairs": args.pairs, "held_out_pairs": HELD_OUT, "epochs": args.epochs, "lr": args.lr,
+              "steps": out.global_step,
               "train_loss": out.training_loss, "train_s": train_s, "seconds": time.time() - started,
               "load": common.load_average(), "before": before, "after": after,
               "train_log": [r for r in trainer.state.log_history if "loss" in r]}

@@ -233,6 +233,18 @@ def test_full_fine_tuning_computes_every_reference_value_before_training(tmp_pat
         trainer.compute_loss(trainer.model, trainer._prepare_inputs(trainer.data_collator(trainer.train_dataset)))
 
 
+def test_dropout_is_off_while_training_and_back_after(tmp_path):
+    model = adaptune.get_peft_model(tiny_llama(), adaptune.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                       lora_dropout=0.3))
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    seen = []
+    trainer = _trainer(tmp_path, model=model, max_steps=1)
+    original = trainer.get_batch_loss_metrics
+    trainer.get_batch_loss_metrics = lambda *a: (seen.append([d.p for d in dropouts]), original(*a))[1]
+    trainer.train()
+    assert dropouts and seen == [[0.0] * len(dropouts)] and all(d.p == 0.3 for d in dropouts)
+
+
 def test_configs_refuse_what_the_loss_would_ignore():
     with pytest.raises(ConfigError, match="label_smoothing"):
         adaptune.DPOConfig(output_dir="x", label_smoothing=0.1)

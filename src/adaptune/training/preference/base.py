@@ -40,10 +40,17 @@ def _rows(dataset: Any) -> list[dict]:
     return [dict(dataset[i]) for i in range(len(dataset))]
 
 
-def _disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+@contextlib.contextmanager
+def _dropout_off(model: torch.nn.Module, enabled: bool):
+    """Every ``nn.Dropout`` of the model at p=0 within the block (TRL's ``disable_dropout``), as it was after."""
+    changed = [(m, m.p) for m in model.modules() if enabled and isinstance(m, torch.nn.Dropout) and m.p]
+    for module, _ in changed:
+        module.p = 0.0
+    try:
+        yield
+    finally:
+        for module, p in changed:
+            module.p = p
 
 
 class PreferenceTrainer(Trainer):
@@ -82,8 +89,6 @@ class PreferenceTrainer(Trainer):
                                                             and causal_lm_parts(model) is None):
             raise ConfigError("preference training works with LoRA-style adapters (LoRA, DoRA, QLoRA) or the "
                               "whole model; prompt, P- and prefix tuning are not supported")
-        if args.disable_dropout:
-            _disable_dropout(model)
         if self.uses_reference:
             self.reference = self._reference(model, ref_model, reference, fresh_adapter=peft_config is not None)
         else:
@@ -111,8 +116,6 @@ class PreferenceTrainer(Trainer):
             tokenizer = tokenizer if tokenizer is not None else loaded
         if tokenizer is None:
             raise ConfigError("processing_class (the tokenizer) is required")
-        if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
-            tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer
 
     @staticmethod
@@ -248,8 +251,9 @@ class PreferenceTrainer(Trainer):
                                   f"cannot be read ({why}) and the reference, the model before training, is gone")
         if self.reference is not None and (self.args.precompute_ref_log_probs or self.reference.fixed_at_start):
             self.precompute_reference()
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        with _dropout_off(self.model, self.args.disable_dropout):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)

@@ -43,7 +43,8 @@ class PreferenceConfig(TrainingArguments):
                           "computed once and saved with each checkpoint."})
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size of that pass (default: the train / eval batch size)."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout of the model to 0."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Train with every nn.Dropout of the model at "
+                                                                  "p=0 (each gets its p back after training)."})
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and self.beta > 0 and math.isfinite(self.beta)):
