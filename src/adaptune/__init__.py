@@ -74,6 +74,10 @@ __all__ = [
 ]
 
 
+_PREFERENCE = ("DPOConfig", "DPOTrainer", "ORPOConfig", "ORPOTrainer", "CPOConfig", "CPOTrainer", "KTOConfig",
+               "KTOTrainer")
+
+
 def __getattr__(name: str):
     """Trainer and friends import transformers' training stack; load them only when asked."""
     if name == "Trainer":
@@ -84,6 +88,10 @@ def __getattr__(name: str):
         from .training.arguments import TrainingArguments
 
         return TrainingArguments
+    if name in _PREFERENCE:
+        from .training import preference
+
+        return getattr(preference, name)
     if name == "prepare_model_for_kbit_training":
         from .quant.kbit import prepare_model_for_kbit_training
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..training.preference.options import OBJECTIVES
 from .options import POSITIVE_INT, add_trust_flag
 
 
@@ -17,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--memory", action="store_true", help="estimate training memory (full / LoRA / QLoRA)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--objective", default="sft", choices=OBJECTIVES,
+                   help="--memory for preference training: --batch-size pairs (kto: rows) of --seq-len tokens")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -31,11 +34,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.memory:
         from ..tools.memory import ESTIMATED_METHODS, estimate_training_memory, format_estimates
 
-        kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, r=args.r)
+        kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, r=args.r, objective=args.objective)
         if targets is not None:
             kw["target_modules"] = targets
         estimates = [estimate_training_memory(model.config, m, **kw) for m in ESTIMATED_METHODS]
-        print(f"\nestimated training memory (batch {args.batch_size} x {args.seq_len} tokens, AdamW):")
+        unit = {"sft": "", "kto": ", kto: rows"}.get(args.objective, f", {args.objective}: pairs")
+        print(f"\nestimated training memory (batch {args.batch_size} x {args.seq_len} tokens{unit}, AdamW):")
         print(format_estimates(estimates))
     return 0
 

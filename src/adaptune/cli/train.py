@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
                                   "under data: in --config. Default: the embedded Shakespeare")
     p.add_argument("--output", help=f"output folder (default {defaults.output})")
     _method_flags(p, defaults)
+    _objective_flags(p)
     _data_flags(p, defaults)
     _schedule_flags(p, defaults)
     # every train option is None unless given, so that a YAML value stands unless a flag says otherwise
@@ -31,6 +32,7 @@ def add_parser(sub) -> None:
 def _method_flags(p: argparse.ArgumentParser, d) -> None:
     """What is trained: the method, LoRA's shape, and how the base is stored."""
     p = p.add_argument_group("method")
+    from ..device import PRECISIONS
     from ..training.methods import METHODS
 
     p.add_argument("--method", choices=METHODS, help=f"default {d.method}")
@@ -52,10 +54,29 @@ def _method_flags(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--virtual-tokens", type=int, help=f"prompt/prefix methods (default {d.virtual_tokens})")
     p.add_argument("--dtype", help="the base's weights: float32 | bfloat16 | float16 | auto (the checkpoint's; "
                                    "default: by hardware)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"),
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="the products' precision (autocast; adapters stay fp32). auto (default): bf16 where the "
                         "hardware computes it natively (recent GPUs, CPUs with AVX512-BF16 or AMX), fp16 on "
                         "older GPUs, else fp32; the run says which and why")
+
+
+def _objective_flags(p: argparse.ArgumentParser) -> None:
+    """What the adapter learns from: text (sft) or preferences (docs/preference.md)."""
+    p = p.add_argument_group("objective")
+    from ..training.preference.options import DEFAULT_BETA, LOSS_TYPES, OBJECTIVES
+
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="sft (default), or preference tuning: dpo, ipo, orpo, simpo, kto; --data then holds "
+                        "{prompt, chosen, rejected} pairs ({prompt, completion, label} rows, or pairs, for kto)")
+    p.add_argument("--beta", type=float, help="preference strength (default by objective: "
+                   + ", ".join(f"{o} {b:g}" for o, b in DEFAULT_BETA.items()) + ")")
+    p.add_argument("--loss-type", help="the objective's variant: "
+                   + "; ".join(f"{o}: {', '.join(t)}" for o, t in LOSS_TYPES.items() if len(t) > 1)
+                   + " (default: the first)")
+    p.add_argument("--label-smoothing", type=float, help="dpo --loss-type robust, simpo: the assumed share of "
+                                                         "pairs whose labels are flipped")
+    p.add_argument("--ref-adapter", metavar="DIR", help="continue this (SFT) adapter; a frozen copy of it is the "
+                                                        "reference")
 
 
 def _data_flags(p: argparse.ArgumentParser, d) -> None:

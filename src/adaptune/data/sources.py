@@ -24,7 +24,7 @@ from .records import BadRow
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 DATA_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".ndjson", *TABLE_SUFFIXES)
 COLUMN_NAMES = ("text", "prompt", "completion", "messages", "tools", "conversations", "system",
-                "instruction", "input", "output")
+                "instruction", "input", "output", "chosen", "rejected", "label")  # the last three: preference rows
 SOURCE_KEYS = ("path", "weight", "format", "columns", "split", "config")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 

@@ -41,7 +41,7 @@ DEFAULT_CHUNK_ROWS = 256  # 256 x 49,152 fp32 logits = 50 MB at a time for SmolL
 BODY_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids"})
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "causal_lm_loss", "causal_lm_parts", "linear_cross_entropy",
-           "supports_chunked_loss"]
+           "sequence_log_probs", "supports_chunked_loss", "token_log_probs"]
 
 
 # ---- the head + cross-entropy --------------------------------------------------------------------
@@ -251,3 +251,101 @@ def causal_lm_loss(model: nn.Module, inputs: dict[str, Any], num_items_in_batch:
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch, count
     return total / count, count  # 0 / 0 = NaN for a batch without labels, as transformers
+
+
+# ---- per-token log-probabilities (preference training) ----------------------------------------------
+
+
+class _FrozenLinearTokenLogProbs(torch.autograd.Function):
+    """log_softmax(hidden_i @ W.T + b)[target_i] for a frozen W, b, one value per row.
+
+    Each row's value depends on that row's hidden state only, so its gradient is one (hidden,)
+    vector per row, ``W[target_i] - softmax_i @ W``: made in forward, chunk by chunk, and scaled by
+    the incoming per-row gradient in backward. As in :class:`_FrozenLinearCrossEntropy`, no logits
+    are kept and none are recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk_rows: int, want_grad: bool,
+                compute_dtype: torch.dtype | None) -> torch.Tensor:
+        low = compute_dtype or weight.dtype
+        n = hidden.shape[0]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all, w = hidden.to(low), weight.to(low)
+            b = bias.to(low) if bias is not None else None
+            out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            jac = torch.empty_like(hidden) if want_grad else None
+            buffer = buffer32 = None
+            for start in range(0, n, chunk_rows):
+                h, t = h_all[start:start + chunk_rows], targets[start:start + chunk_rows]
+                rows = h.shape[0]
+                if buffer is None:
+                    buffer = torch.empty(rows, w.shape[0], dtype=low, device=hidden.device)
+                    if low != torch.float32:
+                        buffer32 = torch.empty(rows, w.shape[0], dtype=torch.float32, device=hidden.device)
+                logits = buffer[:rows]
+                torch.matmul(h, w.T, out=logits)
+                if b is not None:
+                    logits += b
+                if buffer32 is not None:
+                    logits = buffer32[:rows].copy_(logits)
+                picked = logits.gather(1, t[:, None]).squeeze(1)
+                peak = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(peak).exp_()
+                norm = probs.sum(dim=1, keepdim=True)
+                out[start:start + rows] = picked - norm.log().add_(peak).squeeze(1)
+                if want_grad:  # d logp / d h = onehot @ W - softmax @ W, written as -(softmax - onehot) @ W
+                    probs.div_(norm).neg_()
+                    probs[torch.arange(rows, device=t.device), t] += 1.0
+                    piece = jac[start:start + rows]
+                    if piece.dtype == low:
+                        torch.matmul(probs.to(low), w, out=piece)
+                    else:
+                        piece.copy_(probs.to(low) @ w)
+        ctx.save_for_backward(jac if want_grad else hidden.new_empty(0))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (jac,) = ctx.saved_tensors
+        return jac * grad_out.to(jac.dtype)[:, None], None, None, None, None, None, None
+
+
+def _chunk_token_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+
+
+def token_log_probs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                    chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """``log_softmax(head(hidden).float())[i, targets[i]]`` for (n, d) hidden rows: an (n,) fp32
+    tensor, made ``chunk_rows`` rows at a time, with the same values and gradients as the full
+    logits would give but never all n x vocab of them (preference losses need per-sequence sums of
+    these, :func:`sequence_log_probs`)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum(dim=1).float() * 0.0
+    chunk_rows = max(int(chunk_rows), 1)
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if _head_is_frozen_linear(head):
+        return _FrozenLinearTokenLogProbs.apply(hidden, head.weight, head.bias, targets, chunk_rows, want_grad,
+                                                compute_dtype)
+    trainable_head = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        if want_grad or trainable_head:
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_token_log_probs, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_token_log_probs(head, h, t))
+    return torch.cat(parts)
+
+
+def sequence_log_probs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, segments: torch.Tensor,
+                       num_segments: int, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Per-segment sums of :func:`token_log_probs`: row i adds to ``segments[i]`` (in
+    ``[0, num_segments)``); a (num_segments,) fp32 tensor, e.g. the log-probability of each chosen
+    and rejected completion packed into a batch."""
+    logps = token_log_probs(hidden, head, targets, chunk_rows)
+    return logps.new_zeros(num_segments).index_add(0, segments.to(logps.device), logps)

@@ -172,15 +172,17 @@ class MetricsLogger(TrainerCallback):
 
 
 def plot_losses(records: list[dict], path: str | Path) -> None:
-    """Draw train ``loss`` and ``eval_loss`` against step from metrics records, as a PNG."""
+    """Draw train ``loss`` and ``eval_loss`` against step from metrics records, as a PNG; preference
+    runs (records with ``rewards/*``) get a second panel of rewards, margins and accuracies."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and "step" in r]
-    fig = Figure(figsize=(7, 4), dpi=100)
+    rewards = any(k.startswith(("rewards/", "eval_rewards/")) for r in records for k in r)
+    fig = Figure(figsize=(7, 8 if rewards else 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2 if rewards else 1, 1, 1)
     if train:
         ax.plot(*zip(*train), marker="." if len(train) < 50 else None, label="train loss")
     if evals:
@@ -193,9 +195,36 @@ def plot_losses(records: list[dict], path: str | Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
+    if rewards:
+        _plot_rewards(fig.add_subplot(2, 1, 2, sharex=ax), records)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _plot_rewards(ax, records: list[dict]) -> None:
+    """Train (lines) and eval (dots) rewards of chosen and rejected answers and their margin; the
+    share of pairs whose chosen reward is higher on a second axis."""
+    for i, name in enumerate(("chosen", "rejected", "margins")):
+        for prefix, style in (("", "-"), ("eval_", "o")):
+            points = [(r["step"], r[f"{prefix}rewards/{name}"]) for r in records
+                      if f"{prefix}rewards/{name}" in r and "step" in r]
+            if points:
+                ax.plot(*zip(*points), style, color=f"C{i}", label=f"{prefix}{name}".replace("_", " "))
+    accuracy = ax.twinx()
+    for prefix, style in (("", "-"), ("eval_", "o")):
+        points = [(r["step"], r[f"{prefix}rewards/accuracies"]) for r in records
+                  if f"{prefix}rewards/accuracies" in r and "step" in r]
+        if points:
+            accuracy.plot(*zip(*points), style, color="C3", alpha=0.6, label=f"{prefix}accuracy".replace("_", " "))
+    accuracy.set_ylim(-0.05, 1.05)
+    accuracy.set_ylabel("reward accuracy")
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = accuracy.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, fontsize="small", ncol=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(True, alpha=0.3)
 
 
 def _trainable_finite(model) -> bool:

@@ -74,6 +74,11 @@ class TrainJob:
     report_to: str = "none"  # tensorboard | wandb | mlflow | none, or several comma-separated
     run_name: str | None = None  # the run's name in the trackers
     push_to_hub: str | None = None  # hub repo id to upload the adapter folder to after saving it
+    objective: str = "sft"  # sft | dpo | ipo | orpo | simpo | kto (training.preference; --data: pairs / KTO rows)
+    beta: float | None = None  # preference objectives; None: the objective's default
+    loss_type: str | None = None  # the objective's variant (dpo: sigmoid, hinge, robust, ipo; kto: kto, ...)
+    label_smoothing: float = 0.0  # dpo --loss-type robust, simpo
+    ref_adapter: str | None = None  # continue this adapter; a frozen copy of it is the reference
 
     def __post_init__(self) -> None:
         _check_job_types(self)
@@ -81,6 +86,9 @@ class TrainJob:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        from .preference.options import check_objective  # light: no training stack
+
+        check_objective(self, DEFAULT_LR)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
         if self.quantize_embeddings and self.method not in ("lora", "dora", "qlora"):

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +27,7 @@ from .tracking import check_trackers, parse_report_to, tracking_env
 
 Say = Callable[[str], None]
 
-__all__ = ["run_train"]
+__all__ = ["checked_sources", "prepare_output", "publish", "run_train", "save_final", "trainer_arguments"]
 
 
 def _say(text: str) -> None:
@@ -50,9 +47,13 @@ class _Data:
 
 def run_train(job: TrainJob, say: Say = _say) -> dict:
     """Run the whole job; returns the numbers it printed (perplexities, time, samples)."""
+    if job.objective != "sft":
+        from .preference.run import run_preference
+
+        return run_preference(job, say)
     started = time.time()
-    out = _prepare_output(job)
-    sources = _sources(job, say)
+    out = prepare_output(job)
+    sources = checked_sources(job, say)
     torch.manual_seed(job.seed)
     say(f"loading {describe_model(job.model)} ...")
     model, tokenizer = load_base(job)
@@ -71,15 +72,11 @@ def run_train(job: TrainJob, say: Say = _say) -> dict:
     if device.is_main_process():
         _finish(job, model, tokenizer, data, out, result, say)
         result["seconds"] = round(time.time() - started, 1)
-        _write_reports(job, model, out, result, say)
-        if job.push_to_hub:
-            from .push import push_adapter
-
-            result["pushed_to"] = push_adapter(out, job.push_to_hub, say)
+        publish(job, model, out, result, say)
     return result
 
 
-def _prepare_output(job: TrainJob) -> Path:
+def prepare_output(job: TrainJob) -> Path:
     """Refuse what cannot work, before anything slow: a sharded launch, an unwritable output, a
     tracker that is not installed; remove the temporary files a killed earlier run left."""
     from ..atomic import check_writable, remove_temporaries
@@ -94,7 +91,7 @@ def _prepare_output(job: TrainJob) -> Path:
     return out
 
 
-def _sources(job: TrainJob, say: Say) -> list:
+def checked_sources(job: TrainJob, say: Say) -> list:
     """The data sources, checked before the slow model load (a missing file, a hub dataset that
     cannot be had offline)."""
     from ..data.sources import check_available, parse_sources
@@ -194,21 +191,8 @@ def _trainer(job: TrainJob, model: torch.nn.Module, tokenizer: Any, data: _Data,
     from .arguments import TrainingArguments
     from .trainer import Trainer
 
-    precision = device.training_precision(job.precision)
-    say(f"precision: {precision.name} ({precision.reason})")
-    args = TrainingArguments(
-        bf16=precision.bf16, fp16=precision.fp16, use_cpu=device.accelerator_type() is None,
-        output_dir=str(out), max_steps=job.max_steps if job.max_steps > 0 else -1, num_train_epochs=job.epochs,
-        per_device_train_batch_size=job.batch_size, per_device_eval_batch_size=job.batch_size,
-        gradient_accumulation_steps=job.grad_accum, learning_rate=job.lr, lr_scheduler_type="cosine",
-        warmup_steps=min(10, max(job.max_steps // 10, 1)) if job.max_steps > 0 else 10,
-        logging_steps=job.logging_steps, save_steps=job.save_every, save_total_limit=2,
-        eval_strategy="steps" if job.eval_every and data.val else "no", eval_steps=job.eval_every or None,
-        seed=job.seed, data_seed=job.seed, gradient_checkpointing=job.gradient_checkpointing,
-        remove_unused_columns=False, report_to=parse_report_to(job.report_to) or "none", run_name=job.run_name,
-        dataloader_num_workers=0, ignore_data_skip=job.streaming,  # a stream resumes at its saved position
-        disable_tqdm=False,  # transformers hides the bar when its log level is above WARN (the CLI's default)
-    )
+    args = TrainingArguments(**trainer_arguments(job, out, bool(data.val), say), remove_unused_columns=False,
+                             ignore_data_skip=job.streaming)  # a stream resumes at its saved position
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
                       data_collator=data.collator, processing_class=tokenizer)
     if job.streaming:
@@ -216,6 +200,24 @@ def _trainer(job: TrainJob, model: torch.nn.Module, tokenizer: Any, data: _Data,
 
         trainer.add_callback(StreamPositionSaver(data.train))
     return trainer
+
+
+def trainer_arguments(job: TrainJob, out: Path, has_val: bool, say: Say) -> dict[str, Any]:
+    """The TrainingArguments every objective takes from the job (precision said with its reason)."""
+    precision = device.training_precision(job.precision)
+    say(f"precision: {precision.name} ({precision.reason})")
+    return dict(
+        bf16=precision.bf16, fp16=precision.fp16, use_cpu=device.accelerator_type() is None,
+        output_dir=str(out), max_steps=job.max_steps if job.max_steps > 0 else -1, num_train_epochs=job.epochs,
+        per_device_train_batch_size=job.batch_size, per_device_eval_batch_size=job.batch_size,
+        gradient_accumulation_steps=job.grad_accum, learning_rate=job.lr, lr_scheduler_type="cosine",
+        warmup_steps=min(10, max(job.max_steps // 10, 1)) if job.max_steps > 0 else 10,
+        logging_steps=job.logging_steps, save_steps=job.save_every, save_total_limit=2,
+        eval_strategy="steps" if job.eval_every and has_val else "no", eval_steps=job.eval_every or None,
+        seed=job.seed, data_seed=job.seed, gradient_checkpointing=job.gradient_checkpointing,
+        report_to=parse_report_to(job.report_to) or "none", run_name=job.run_name, dataloader_num_workers=0,
+        disable_tqdm=False,  # transformers hides the bar when its log level is above WARN (the CLI's default)
+    )
 
 
 def _train(job: TrainJob, trainer: Any, data: _Data, out: Path, result: dict, say: Say) -> None:
@@ -259,7 +261,7 @@ def _finish(job: TrainJob, model: torch.nn.Module, tokenizer: Any, data: _Data, 
     """Save the adapter (or model), then measure and sample what training made."""
     from ..tools.evaluation import perplexity
 
-    _save_final(model, tokenizer, out)
+    save_final(model, tokenizer, out)
     if data.val:
         result["ppl_after"] = perplexity(model, data.val, data.collator, batch_size=job.batch_size)
         say(f"validation perplexity after: {result['ppl_after']:.2f}"
@@ -267,40 +269,21 @@ def _finish(job: TrainJob, model: torch.nn.Module, tokenizer: Any, data: _Data, 
     result["sample_after"] = _sample(job, model, tokenizer, say, "after")
 
 
-def _write_reports(job: TrainJob, model: torch.nn.Module, out: Path, result: dict, say: Say) -> None:
+def publish(job: TrainJob, model: torch.nn.Module, out: Path, result: dict, say: Say) -> None:
+    """Write the model card and ``train_result.json`` beside the saved adapter, then upload the
+    folder when ``--push-to-hub`` asks (the local copy is complete first either way)."""
     from ..atomic import atomic_write_json, atomic_write_text
+    from .card import model_card
 
-    atomic_write_text(out / "README.md", _model_card(job, result))
+    atomic_write_text(out / "README.md", model_card(job, result))
     atomic_write_json(out / "train_result.json", result)
     adapter = hasattr(model, "peft_config")
     what, where = ("adapter saved to", out) if adapter else ("model saved to", out / "model")
     say(f"{what} {where} ({result['seconds']:.0f} s); loss plot: {out / 'loss.png'}")
+    if job.push_to_hub:
+        from .push import push_adapter
 
-
-def _model_card(job: TrainJob, result: dict) -> str:
-    from ..hub import portable_name
-
-    command = "adaptune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "adaptune train"
-    return "\n".join([
-        "---", "library_name: adaptune", f"base_model: {portable_name(job.model)}",
-        "tags: [peft, adaptune, " + job.method + "]", "---", "",
-        f"# {job.method} adapter trained with adaptune", "",
-        "Trained with:", "", "```", command, "```", "",
-        f"Data: {_data_names(job)}; {result.get('train_blocks')} training blocks of up to "
-        f"{job.max_length} tokens; {result.get('steps')} steps.", "",
-        f"Validation perplexity: {result.get('ppl_before', float('nan')):.2f} before, "
-        f"{result.get('ppl_after', float('nan')):.2f} after.", "",
-        "Load with `adaptune generate --adapter <this folder>`, or in Python with "
-        "`adaptune.PeftModel.from_pretrained(base, folder)` (peft reads it too).", "",
-        "Full settings:", "", "```json", json.dumps(dataclasses.asdict(job), indent=2, default=str), "```", "",
-    ])
-
-
-def _data_names(job: TrainJob) -> str:
-    if job.data is None:
-        return "embedded Shakespeare"
-    items = job.data if isinstance(job.data, list) else [job.data]
-    return ", ".join(f"`{item.get('path') if isinstance(item, dict) else item}`" for item in items)
+        result["pushed_to"] = push_adapter(out, job.push_to_hub, say)
 
 
 def _adapter_off(model: Any) -> contextlib.AbstractContextManager:
@@ -308,7 +291,7 @@ def _adapter_off(model: Any) -> contextlib.AbstractContextManager:
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-def _save_final(model: Any, tokenizer: Any, out: Path) -> None:
+def save_final(model: Any, tokenizer: Any, out: Path) -> None:
     """The adapter (or, for full fine-tuning, the whole model) and the tokenizer, each atomically."""
     from ..atomic import atomic_directory
 

@@ -77,6 +77,12 @@ Neither counts the CUDA context, the allocator's cache and fragmentation, or the
 ``foreach`` AdamW (the CUDA default of ``torch.optim.AdamW`` unless ``fused=True``) briefly needs
 one more copy of the trainable parameters during ``step()``.
 
+**Preference training** (``objective="dpo"`` and the others): a step runs both answers of each pair
+(``batch_size`` pairs, less the prompt tokens packed once: :func:`preference_tokens`), with the
+reference's log-probabilities cached (no second model, no reference activations) and the output
+head run in chunks of rows: no full logits, so the loss's work is two hidden-size vectors per token
+and one chunk of logits.
+
 Checked against measured CPU training steps in ``tests/test_memory.py`` (tensor bytes from
 ``torch.profiler``; the tolerances are there): close for LoRA and for full fine-tuning's ``peak``,
 while ``total`` stays above full fine-tuning's measured peak.
@@ -96,11 +102,12 @@ from .estimate import (
     estimate_all,
     estimate_training_memory,
     nf4_bytes,
+    preference_tokens,
 )
 from .shapes import meta_model_from_config as build_meta_model
 
 __all__ = ["ESTIMATED_METHODS", "MemoryEstimate", "build_meta_model", "count_parameters", "estimate_all",
-           "estimate_training_memory", "format_estimates", "nf4_bytes"]
+           "estimate_training_memory", "format_estimates", "nf4_bytes", "preference_tokens"]
 
 
 def _human(n: int) -> str:

@@ -24,7 +24,7 @@ DQ_BLOCK = 256
 Pairs = dict[str, list[tuple[int, int]]]
 
 __all__ = ["ESTIMATED_METHODS", "MemoryEstimate", "count_parameters", "estimate_all", "estimate_training_memory",
-           "nf4_bytes"]
+           "nf4_bytes", "preference_tokens"]
 
 
 @dataclass
@@ -165,14 +165,25 @@ class _Activations:
     shared: int  # bytes shared by all tokens (rotary tables, the attention mask)
     dequant: int  # one 4-bit weight dequantized (QLoRA)
     loss_peak: int  # bytes per token of the loss's fp32 logits work
+    grad_logits: int  # bytes per token of the head's backward (the logits' gradient, or the chunked head's)
 
 
 def _activations(st: _Setup, r: int, seq_len: int, batch_size: int, lora_dropout: float, padded: bool,
-                 checkpointing: bool) -> _Activations:
+                 checkpointing: bool, objective: str, tokens: int) -> _Activations:
     s, c = st.shape, st.c
     per_layer = layer_saved(st.block, s, c, seq_len, st.full, st.block_targets, lora_dropout, r, padded, st.cuda)
     layer_transient = (3 * s.i + 2 * s.h) * c
     shared = 2 * seq_len * s.head_dim * c if s.has_rotary else 0  # cos, sin
+    loss_peak = LOGITS_COPIES * s.vocab * 4
+    grad_logits = s.vocab * (4 + (c if c != 4 else 0))  # the logits' gradient (fp32, and cast back)
+    if objective != "sft":
+        from ...speedups.loss import DEFAULT_CHUNK_ROWS
+
+        # the chunked head: scored rows gathered + their gradient, one chunk of logits at a time;
+        # the batch is one packed row, so cos and sin are as long as all its tokens
+        loss_peak = grad_logits = 2 * s.h * c
+        shared = DEFAULT_CHUNK_ROWS * s.vocab * 4 * (2 if c != 4 else 1)
+        shared += 2 * tokens * s.head_dim * c if s.has_rotary else 0
     if padded:
         shared += batch_size * seq_len * seq_len  # boolean attention mask
     # bitsandbytes dequantizes one 4-bit weight at a time to the compute dtype; it lives while that layer runs
@@ -182,7 +193,7 @@ def _activations(st: _Setup, r: int, seq_len: int, batch_size: int, lora_dropout
                        if linear_like(m) and n != st.out_emb_name), default=0) * c
     return _Activations(per_layer=s.h * c if checkpointing else per_layer, head=_head_bytes(st, r),
                         recompute=(per_layer + layer_transient) if checkpointing else layer_transient,
-                        shared=shared, dequant=dequant, loss_peak=LOGITS_COPIES * s.vocab * 4)
+                        shared=shared, dequant=dequant, loss_peak=loss_peak, grad_logits=grad_logits)
 
 
 def _peak_of_step(st: _Setup, a: _Activations, tokens: int, gradients: int, r: int) -> int:
@@ -197,8 +208,7 @@ def _peak_of_step(st: _Setup, a: _Activations, tokens: int, gradients: int, r: i
     grads_so_far = gradients - per_block_grad * s.layers - embed_grad  # the head's, first
     kept = s.layers * a.per_layer + a.head
     points = [(kept + a.loss_peak) * tokens + a.shared]
-    grad_logits = s.vocab * (4 + (st.c if st.c != 4 else 0))  # the logits' gradient (fp32, and cast back)
-    points.append((kept + grad_logits) * tokens + a.shared + grads_so_far)
+    points.append((kept + a.grad_logits) * tokens + a.shared + grads_so_far)
     for k in range(s.layers, 0, -1):  # each layer: its activations and the new gradients
         points.append((k * a.per_layer + a.recompute) * tokens + a.dequant + a.shared + grads_so_far
                       + per_block_grad)
@@ -214,7 +224,8 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
                              gradient_checkpointing: bool = False, *,
                              lora_dropout: float = 0.0, padded: bool = False,
                              double_quant: bool = True, device: Any = None,
-                             trust_remote_code: bool = False) -> MemoryEstimate:
+                             trust_remote_code: bool = False, objective: str = "sft",
+                             shared_prompt_tokens: int = 0) -> MemoryEstimate:
     """Estimate the memory of one training step (see the package doc for the model).
 
     ``config_or_model``: a transformers config, a model (real or meta), or a model name/path
@@ -223,7 +234,9 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     dtype of everything that is not 4-bit). ``target_modules``: as in ``LoraConfig``.
     ``device``: where training will run (default: ``adaptune.device.pick_device()``); it only
     changes how dropout masks are stored (CUDA keeps 1-byte masks, the CPU full-width ones) and
-    whether attention with dropout has a fused kernel (not on the CPU).
+    whether attention with dropout has a fused kernel (not on the CPU). ``objective``: ``"sft"``,
+    or a preference objective (:func:`preference_tokens`): ``batch_size`` then counts pairs (KTO:
+    rows) of ``seq_len`` tokens each.
     """
     method = str(method).lower()
     if method not in ESTIMATED_METHODS:
@@ -238,8 +251,8 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     adapter_params = lora_parameter_count(st.targets, r)
     trainable = params if st.full else adapter_params
     gradients = trainable * (st.c if st.full else ADAPTER_BYTES)
-    tokens = batch_size * seq_len
-    a = _activations(st, r, seq_len, batch_size, lora_dropout, padded, gradient_checkpointing)
+    tokens = preference_tokens(objective, batch_size, seq_len, shared_prompt_tokens)
+    a = _activations(st, r, seq_len, batch_size, lora_dropout, padded, gradient_checkpointing, objective, tokens)
     transient = max(a.loss_peak * tokens, a.recompute * tokens + a.dequant)
     activations = (st.shape.layers * a.per_layer + a.head) * tokens + a.shared + transient
     adapter = adapter_params * ADAPTER_BYTES
@@ -247,6 +260,24 @@ def estimate_training_memory(config_or_model: Any, method: str, batch_size: int,
     return MemoryEstimate(method=method, weights=int(weights), adapter=int(adapter), gradients=int(gradients),
                           optimizer=int(2 * gradients), activations=int(activations), peak=int(peak),
                           params=int(params), trainable_params=int(trainable))
+
+
+def preference_tokens(objective: str, batch_size: int, seq_len: int, shared_prompt_tokens: int = 0) -> int:
+    """Tokens one training step runs for ``objective`` (``adaptune.training.preference``).
+
+    Pair objectives run two sequences of ``seq_len`` per pair, less ``shared_prompt_tokens`` when
+    the pair's prompt is packed once (the default layout; 0 gives the upper bound). KTO runs one
+    sequence per row (its KL term runs without gradients, so it adds nothing kept). Reference
+    log-probabilities are cached: no second model and no reference activations."""
+    from ...training.preference.options import OBJECTIVES
+
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective in ("sft", "kto"):
+        return batch_size * seq_len
+    if not 0 <= shared_prompt_tokens < seq_len:
+        raise ConfigError(f"shared_prompt_tokens must be in [0, seq_len), got {shared_prompt_tokens}")
+    return batch_size * (2 * seq_len - shared_prompt_tokens)
 
 
 def estimate_all(config_or_model: Any, batch_size: int, seq_len: int,
