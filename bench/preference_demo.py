@@ -1,6 +1,6 @@
 """DPO on Shakespeare, no download: does a short run teach SmolLM2 which line comes next?
 
-    python bench/preference_demo.py            # ~5 min on 2 cores
+    python bench/preference_demo.py            # ~8 min on 2 cores
 
 Data (``shakespeare_pairs.py``): 128 training pairs from the first 80% of the embedded plays, each
 a passage, the line(s) that truly follow it (chosen) and as many lines from elsewhere in the plays
