@@ -26,6 +26,7 @@ scale or soft-cap logits (Gemma 2, Cohere, Granite...) fall back to the plain pa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,6 +48,45 @@ __all__ = ["DEFAULT_CHUNK_ROWS", "causal_lm_loss", "causal_lm_parts", "linear_cr
 # ---- the head + cross-entropy --------------------------------------------------------------------
 
 
+def _softmax_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    targets: torch.Tensor, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each chunk of rows of ``hidden @ weight.T + bias``: ``(start, targets, picked, probs, norm,
+    lse)``, with ``picked`` the targets' logits, ``probs`` the unnormalised softmax (written over the
+    logits), ``norm`` its row sums and ``lse`` the rows' log-sum-exp, all fp32.
+
+    The products run in ``weight``'s dtype. One logits buffer (and one fp32 one for 16-bit products)
+    serves all chunks, worked on in place: a fresh 50 MB tensor per chunk costs page faults that, on
+    a CPU, take longer than the arithmetic. A chunk's tensors are overwritten by the next one."""
+    buffer = buffer32 = None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        rows = h.shape[0]
+        if buffer is None:
+            buffer = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=hidden.device)
+            if weight.dtype != torch.float32:
+                buffer32 = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)
+        logits = buffer[:rows]
+        torch.matmul(h, weight.T, out=logits)
+        if bias is not None:
+            logits += bias
+        if buffer32 is not None:  # as transformers: head in model dtype, softmax in fp32
+            logits = buffer32[:rows].copy_(logits)
+        picked = logits.gather(1, t[:, None]).squeeze(1)
+        peak = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        norm = probs.sum(dim=1, keepdim=True)
+        yield start, t, picked, probs, norm, norm.log().add_(peak).squeeze(1)
+
+
+def _product_into(probs: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = probs @ weight`` with the product in ``weight``'s dtype."""
+    if out.dtype == weight.dtype:
+        torch.matmul(probs.to(weight.dtype), weight, out=out)
+    else:
+        out.copy_(probs.to(weight.dtype) @ weight)
+
+
 class _FrozenLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ W.T + b, target_i) for a frozen W, b; grad w.r.t. hidden made in forward.
 
@@ -59,42 +99,16 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
                 compute_dtype: torch.dtype | None) -> torch.Tensor:
         low = compute_dtype or weight.dtype
         with torch.autocast(hidden.device.type, enabled=False):
-            h_all, w = hidden.to(low), weight.to(low)  # no copies unless autocast asks for a cast
+            w = weight.to(low)  # no copies unless autocast asks for a cast
             b = bias.to(low) if bias is not None else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad = torch.empty_like(hidden) if want_grad else None
-            # One logits buffer (and one fp32 one for 16-bit products) for all chunks, worked on in
-            # place: a fresh 50 MB tensor per chunk costs page faults that, on a CPU, take longer than
-            # the arithmetic.
-            buffer = buffer32 = None
-            for start in range(0, hidden.shape[0], chunk_rows):
-                h = h_all[start:start + chunk_rows]
-                t = targets[start:start + chunk_rows]
-                rows = h.shape[0]
-                if buffer is None:
-                    buffer = torch.empty(rows, w.shape[0], dtype=low, device=hidden.device)
-                    if low != torch.float32:
-                        buffer32 = torch.empty(rows, w.shape[0], dtype=torch.float32, device=hidden.device)
-                logits = buffer[:rows]
-                torch.matmul(h, w.T, out=logits)
-                if b is not None:
-                    logits += b
-                if buffer32 is not None:  # as transformers: head in model dtype, loss in fp32
-                    logits = buffer32[:rows].copy_(logits)
-                picked = logits.gather(1, t[:, None]).squeeze(1)
-                peak = logits.amax(dim=1, keepdim=True)
-                probs = logits.sub_(peak).exp_()  # unnormalised softmax, in place of the logits
-                norm = probs.sum(dim=1, keepdim=True)
-                lse = norm.log().add_(peak).squeeze(1)
+            for start, t, picked, probs, norm, lse in _softmax_chunks(hidden.to(low), w, b, targets, chunk_rows):
                 total += (lse - picked).sum()
-                if want_grad:
+                if want_grad:  # d CE / d h = (softmax - onehot) @ W
                     probs.div_(norm)
-                    probs[torch.arange(rows, device=t.device), t] -= 1.0
-                    out = grad[start:start + rows]
-                    if out.dtype == low:
-                        torch.matmul(probs.to(low), w, out=out)
-                    else:
-                        out.copy_(probs.to(low) @ w)
+                    probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                    _product_into(probs, w, grad[start:start + len(t)])
         ctx.save_for_backward(grad if want_grad else hidden.new_empty(0))
         return total
 
@@ -269,39 +283,17 @@ class _FrozenLinearTokenLogProbs(torch.autograd.Function):
                 targets: torch.Tensor, chunk_rows: int, want_grad: bool,
                 compute_dtype: torch.dtype | None) -> torch.Tensor:
         low = compute_dtype or weight.dtype
-        n = hidden.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
-            h_all, w = hidden.to(low), weight.to(low)
+            w = weight.to(low)
             b = bias.to(low) if bias is not None else None
-            out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             jac = torch.empty_like(hidden) if want_grad else None
-            buffer = buffer32 = None
-            for start in range(0, n, chunk_rows):
-                h, t = h_all[start:start + chunk_rows], targets[start:start + chunk_rows]
-                rows = h.shape[0]
-                if buffer is None:
-                    buffer = torch.empty(rows, w.shape[0], dtype=low, device=hidden.device)
-                    if low != torch.float32:
-                        buffer32 = torch.empty(rows, w.shape[0], dtype=torch.float32, device=hidden.device)
-                logits = buffer[:rows]
-                torch.matmul(h, w.T, out=logits)
-                if b is not None:
-                    logits += b
-                if buffer32 is not None:
-                    logits = buffer32[:rows].copy_(logits)
-                picked = logits.gather(1, t[:, None]).squeeze(1)
-                peak = logits.amax(dim=1, keepdim=True)
-                probs = logits.sub_(peak).exp_()
-                norm = probs.sum(dim=1, keepdim=True)
-                out[start:start + rows] = picked - norm.log().add_(peak).squeeze(1)
+            for start, t, picked, probs, norm, lse in _softmax_chunks(hidden.to(low), w, b, targets, chunk_rows):
+                out[start:start + len(t)] = picked - lse
                 if want_grad:  # d logp / d h = onehot @ W - softmax @ W, written as -(softmax - onehot) @ W
                     probs.div_(norm).neg_()
-                    probs[torch.arange(rows, device=t.device), t] += 1.0
-                    piece = jac[start:start + rows]
-                    if piece.dtype == low:
-                        torch.matmul(probs.to(low), w, out=piece)
-                    else:
-                        piece.copy_(probs.to(low) @ w)
+                    probs[torch.arange(len(t), device=t.device), t] += 1.0
+                    _product_into(probs, w, jac[start:start + len(t)])
         ctx.save_for_backward(jac if want_grad else hidden.new_empty(0))
         return out
 
