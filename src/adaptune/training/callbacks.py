@@ -205,14 +205,16 @@ def plot_losses(records: list[dict], path: str | Path) -> None:
 def _plot_rewards(ax, records: list[dict]) -> None:
     """Train (lines) and eval (dots) rewards of chosen and rejected answers and their margin; the
     share of pairs whose chosen reward is higher on a second axis."""
+    few = sum("rewards/chosen" in r for r in records) < 50  # a line of one point would not show: mark them
+    train_style = ".-" if few else "-"
     for i, name in enumerate(("chosen", "rejected", "margins")):
-        for prefix, style in (("", "-"), ("eval_", "o")):
+        for prefix, style in (("", train_style), ("eval_", "o")):
             points = [(r["step"], r[f"{prefix}rewards/{name}"]) for r in records
                       if f"{prefix}rewards/{name}" in r and "step" in r]
             if points:
                 ax.plot(*zip(*points), style, color=f"C{i}", label=f"{prefix}{name}".replace("_", " "))
     accuracy = ax.twinx()
-    for prefix, style in (("", "-"), ("eval_", "o")):
+    for prefix, style in (("", train_style), ("eval_", "o")):
         points = [(r["step"], r[f"{prefix}rewards/accuracies"]) for r in records
                   if f"{prefix}rewards/accuracies" in r and "step" in r]
         if points:
