@@ -39,6 +39,15 @@ def _error(message: str, status: int, kind: str) -> JSONResponse:
     return JSONResponse(error_body(message, status, kind), status_code=status)
 
 
+def _one_line_handler(status: int, kind: str):
+    """An exception handler answering ``status`` with the exception's first line."""
+
+    async def handler(_: Request, exc: Exception) -> JSONResponse:
+        return _error(_one_line(exc), status, kind)
+
+    return handler
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -76,21 +85,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(str(exc.detail), exc.status_code, "invalid_request_error")
 
-    @app.exception_handler(UnknownModel)
-    async def unknown(_: Request, exc: UnknownModel) -> JSONResponse:
-        return _error(_one_line(exc), 404, "not_found_error")
-
-    @app.exception_handler(Forbidden)
-    async def forbidden(_: Request, exc: Forbidden) -> JSONResponse:
-        return _error(_one_line(exc), 403, "permission_error")
-
-    @app.exception_handler(AdaptuneError)
-    async def bad_request(_: Request, exc: AdaptuneError) -> JSONResponse:
-        return _error(_one_line(exc), 400, "invalid_request_error")
-
-    @app.exception_handler(QueueFull)
-    async def busy(_: Request, exc: QueueFull) -> JSONResponse:
-        return _error(_one_line(exc), 429, "rate_limit_error")
+    # the most specific class wins (Starlette looks handlers up along the exception's MRO)
+    for error, status, kind in ((UnknownModel, 404, "not_found_error"), (Forbidden, 403, "permission_error"),
+                                (AdaptuneError, 400, "invalid_request_error"), (QueueFull, 429, "rate_limit_error")):
+        app.add_exception_handler(error, _one_line_handler(status, kind))
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> JSONResponse:

@@ -26,7 +26,9 @@ scale or soft-cap logits (Gemma 2, Cohere, Granite...) fall back to the plain pa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import operator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -126,29 +128,41 @@ def _head_is_frozen_linear(head: nn.Module) -> bool:
     return type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
 
 
+def _chunked_head(fused: type[torch.autograd.Function], per_chunk: Callable, combine: Callable,
+                  hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """``fused`` on a frozen plain Linear head (its gradient made in forward, no logits kept); any
+    other head runs ``per_chunk`` a chunk of rows at a time, under activation checkpointing when a
+    gradient is wanted (so backward also holds one chunk's logits at a time), and ``combine`` joins
+    the parts. Products run in autocast's dtype when it is on, as ``F.linear`` would run them."""
+    chunk_rows = max(int(chunk_rows), 1)
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if _head_is_frozen_linear(head):
+        return fused.apply(hidden, head.weight, head.bias, targets, chunk_rows, want_grad, compute_dtype)
+    trainable_head = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        if want_grad or trainable_head:
+            parts.append(torch.utils.checkpoint.checkpoint(per_chunk, head, h, t, use_reentrant=False))
+        else:
+            parts.append(per_chunk(head, h, t))
+    return combine(parts)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
                          chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """``F.cross_entropy(head(hidden).float(), targets, reduction="sum")`` for (n, d) hidden rows,
     ``chunk_rows`` rows at a time; the same value and gradients, without all n x vocab logits."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and the grad) well formed
-    chunk_rows = max(int(chunk_rows), 1)
-    want_grad = torch.is_grad_enabled() and hidden.requires_grad
-    device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    if _head_is_frozen_linear(head):
-        return _FrozenLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows, want_grad,
-                                               compute_dtype)
-    trainable_head = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
-    total = None
-    for start in range(0, hidden.shape[0], chunk_rows):
-        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-        if want_grad or trainable_head:
-            part = torch.utils.checkpoint.checkpoint(_chunk_ce_sum, head, h, t, use_reentrant=False)
-        else:
-            part = _chunk_ce_sum(head, h, t)
-        total = part if total is None else total + part
-    return total
+    return _chunked_head(_FrozenLinearCrossEntropy, _chunk_ce_sum, _sum_in_order, hidden, head, targets,
+                         chunk_rows)
+
+
+def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    return functools.reduce(operator.add, parts)
 
 
 # ---- which models -----------------------------------------------------------------------------------
@@ -316,22 +330,8 @@ def token_log_probs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
     these, :func:`sequence_log_probs`)."""
     if hidden.shape[0] == 0:
         return hidden.sum(dim=1).float() * 0.0
-    chunk_rows = max(int(chunk_rows), 1)
-    want_grad = torch.is_grad_enabled() and hidden.requires_grad
-    device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    if _head_is_frozen_linear(head):
-        return _FrozenLinearTokenLogProbs.apply(hidden, head.weight, head.bias, targets, chunk_rows, want_grad,
-                                                compute_dtype)
-    trainable_head = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
-    parts = []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-        if want_grad or trainable_head:
-            parts.append(torch.utils.checkpoint.checkpoint(_chunk_token_log_probs, head, h, t, use_reentrant=False))
-        else:
-            parts.append(_chunk_token_log_probs(head, h, t))
-    return torch.cat(parts)
+    return _chunked_head(_FrozenLinearTokenLogProbs, _chunk_token_log_probs, torch.cat, hidden, head, targets,
+                         chunk_rows)
 
 
 def sequence_log_probs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, segments: torch.Tensor,
