@@ -9,6 +9,7 @@ Rows the template cannot render as they are (tools it ignores) are bad rows with
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from .records import IGNORE_INDEX, BadRow, Example
@@ -128,7 +129,8 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, tools
                                          add_generation_prompt=generation_prompt)
 
 
-def _common_prefix_len(a: str, b: str) -> int:
+def common_prefix_len(a: Sequence, b: Sequence) -> int:
+    """How many leading items (characters, token ids) ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -149,8 +151,8 @@ def _assistant_char_spans(tokenizer: Any, messages: list[dict], full: str,
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = _common_prefix_len(full, _render(tokenizer, messages[:i], True, tools)) if i else 0
-        end = _common_prefix_len(full, _render(tokenizer, messages[:i + 1], False, tools))
+        start = common_prefix_len(full, _render(tokenizer, messages[:i], True, tools)) if i else 0
+        end = common_prefix_len(full, _render(tokenizer, messages[:i + 1], False, tools))
         if end > start:
             spans.append((start, end))
     return spans

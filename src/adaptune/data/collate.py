@@ -126,6 +126,6 @@ class LabelsAndTuplesCollator:
             labels = batch["input_ids"].clone()
             mask = batch.get("attention_mask")
             if isinstance(mask, torch.Tensor):
-                labels[mask == 0] = -100
+                labels[mask == 0] = IGNORE_INDEX
             batch["labels"] = labels
         return batch

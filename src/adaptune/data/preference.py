@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
-from .chat import is_unicode
+from .chat import common_prefix_len, is_unicode
 from .formats import as_source, read_rows
-from .records import BadRow, DataReport
+from .records import IGNORE_INDEX, BadRow, DataReport
 from .sources import TEXT, DataSource
 
 KINDS = ("pairs", "kto")
@@ -107,14 +107,6 @@ def _ids(tokenizer: Any, value: str | list[dict], generation_prompt: bool = Fals
     return list(out["input_ids"])
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _join(prompt: str | list[dict], answer: str | list[dict], eos: str | None) -> str | list[dict]:
     if isinstance(prompt, str) != isinstance(answer, str):
         raise BadRow("prompt and answer mix a string and a message list")
@@ -129,7 +121,7 @@ def tokenize_answers(tokenizer: Any, prompt: str | list[dict], answers: list[str
     prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
     eos = getattr(tokenizer, "eos_token", None)
     full = [_ids(tokenizer, _join(prompt, a, eos)) for a in answers]
-    cut = min(_common_prefix(prompt_ids, ids) for ids in full)
+    cut = min(common_prefix_len(prompt_ids, ids) for ids in full)
     return prompt_ids[:cut], [ids[cut:] for ids in full]
 
 
@@ -275,7 +267,6 @@ def add_kl_completions(features: list[dict], batch_size: int) -> list[dict]:
 
 # --------------------------------------------------------------------------- collating
 
-IGNORE_INDEX = -100
 LAYOUTS = ("shared", "packed", "padded")
 
 
